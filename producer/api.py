@@ -1,0 +1,118 @@
+"""The producer's Python API: submit, status, wait, results, cancel.
+
+The CLI is a thin layer over this, and so can any script::
+
+    from producer.api import Client
+    client = Client.from_settings()
+    job = client.submit(["/data/survey-7"])
+    client.wait(job)
+    for record in client.results(job):
+        ...
+
+The producer never imports worker code: it sends ``crackq.classify_chunk``
+by name with the arguments :mod:`shared.contract` defines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable, Iterator
+
+from shared.config import Settings
+from shared.connections import connect
+from shared.contract import TASK_NAME, ChunkOptions, make_items
+from shared.queue import make_celery
+from shared.store import JobStatus, JobStore, new_job_id
+
+#: A file this big counts as several images when chunks are planned (big drone photos are tiled).
+BYTES_PER_UNIT = 256 * 1024
+
+
+class Client:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.redis = connect(settings.effective_redis_url)
+        self.store = JobStore(self.redis, settings.result_ttl)
+        self._celery = None
+
+    @classmethod
+    def from_settings(cls, **overrides) -> "Client":
+        return cls(Settings.load(**overrides))
+
+    @property
+    def celery(self):
+        if self._celery is None:
+            self._celery = make_celery(self.settings, name="crackq-producer")
+        return self._celery
+
+    def options(self, **changes) -> ChunkOptions:
+        s = self.settings
+        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap)
+        return ChunkOptions(**{**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+    def submit(self, paths: list[str], options: ChunkOptions | None = None, chunk_size: int | None = None) -> str:
+        """Queue ``paths`` (absolute) as one job; returns its id."""
+        if not paths:
+            raise ValueError("no images to submit")
+        options = options or self.options()
+        chunks = plan_chunks(make_items(paths), chunk_size or self.settings.chunk_size)
+        job_id = new_job_id()
+        self.store.create(job_id, total=len(paths), chunks=len(chunks), options=options.to_dict(),
+                          model=os.path.basename(self.settings.model))
+        with self.celery.producer_or_acquire() as producer:
+            for chunk in chunks:
+                self.celery.send_task(TASK_NAME, args=[job_id, chunk, options.to_dict()],
+                                      queue=self.settings.queue, producer=producer)
+        return job_id
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.store.status(job_id)
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2,
+             on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        """Poll until the job is finished (done, failed or cancelled) or ``timeout`` passes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(job_id)
+            if on_progress:
+                on_progress(status)
+            if status.finished:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} not finished after {timeout:g}s ({status.done}/{status.total})")
+            time.sleep(poll)
+
+    def results(self, job_id: str, per_tile: bool = False) -> Iterator[dict]:
+        return self.store.results(job_id, with_tiles=per_tile)
+
+    def cancel(self, job_id: str) -> JobStatus:
+        return self.store.cancel(job_id)
+
+
+def plan_chunks(items: list[dict], chunk_size: int) -> list[list[dict]]:
+    """Split items into chunks of about ``chunk_size`` image-equivalents.
+
+    A small patch counts 1; a large file counts one per :data:`BYTES_PER_UNIT`
+    (a 6 MB drone photo, ~200 tiles, counts 24), so a chunk of big photos
+    stays short and the photos of a survey spread over all workers.
+    """
+    chunks, current, weight = [], [], 0
+    for item in items:
+        w = _weight(item["path"])
+        if current and weight + w > chunk_size:
+            chunks.append(current)
+            current, weight = [], 0
+        current.append(item)
+        weight += w
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _weight(path: str) -> int:
+    try:
+        return max(1, math.ceil(os.path.getsize(path) / BYTES_PER_UNIT))
+    except OSError:
+        return 1

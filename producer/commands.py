@@ -1,0 +1,256 @@
+"""Producer commands: submit, status, wait, results, cancel, run, settings.
+
+Exit codes: 0 success; 1 the job ended failed or cancelled; 2 bad input
+(nothing found, unknown job, unreachable Redis, wrong password); 3 ``wait``
+timed out; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+import click
+
+from producer.api import Client
+from producer.discover import discover
+from producer.formats import FORMATS, PER_TILE_COLUMNS, format_for, write
+from shared.config import Settings, describe
+from shared.connections import RedisUnavailable, mask_url
+from shared.contract import RESULT_COLUMNS
+from shared.store import UnknownJob
+
+
+class InputError(click.ClickException):
+    """Bad input detected before anything is queued: exit code 2."""
+
+    exit_code = 2
+
+
+def redis_option(f):
+    return click.option("--redis-url", default=None, envvar="CRACKQ_REDIS_URL", show_envvar=True,
+                        help="Broker and job store URL (default redis://localhost:6379/0).")(f)
+
+
+def _client(redis_url: str | None, **overrides) -> Client:
+    try:
+        return Client.from_settings(redis_url=redis_url, **overrides)
+    except RedisUnavailable as exc:
+        raise InputError(str(exc)) from None
+    except ValueError as exc:
+        raise InputError(f"bad setting: {exc}") from None
+
+
+@contextlib.contextmanager
+def _job_errors():
+    try:
+        yield
+    except UnknownJob as exc:
+        raise InputError(str(exc)) from None
+    except RedisUnavailable as exc:
+        raise InputError(str(exc)) from None
+
+
+def _find_images(paths, recursive: bool) -> list[str]:
+    found = discover(list(paths), recursive=recursive)
+    for arg in found.unmatched:
+        click.echo(f"warning: no images found in {arg}", err=True)
+    if found.skipped:
+        click.echo(f"skipped {found.skipped} non-image file(s)", err=True)
+    if not found.paths:
+        raise InputError("no images found in " + " ".join(paths))
+    return found.paths
+
+
+def tiling_options(f):
+    f = click.option("--threshold", type=float, default=None, help="Crack probability threshold (default 0.5).")(f)
+    f = click.option("--tile-size", type=int, default=None, help="Tile size in px for large images (0: no tiling).")(f)
+    f = click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in px.")(f)
+    f = click.option("--per-tile", is_flag=True, help="Also store one record per tile (pixel box, probability).")(f)
+    return f
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--chunk-size", type=int, default=None, help="Images per task (default 64).")
+@click.option("--no-recursive", is_flag=True, help="Do not search folders recursively.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the bare job id.")
+@tiling_options
+@redis_option
+def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_overlap, per_tile, redis_url):
+    """Queue images (files, folders, glob patterns) as one job; print its id."""
+    images = _find_images(paths, recursive=not no_recursive)
+    client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap)
+    options = client.options(per_tile=per_tile or None)
+    job_id = client.submit(images, options, chunk_size=chunk_size)
+    if as_json:
+        click.echo(json.dumps({"job_id": job_id, "images": len(images), "options": options.to_dict(),
+                               "redis": mask_url(client.settings.effective_redis_url)}))
+    else:
+        click.echo(job_id)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@redis_option
+def status(job, as_json, redis_url):
+    """Show a job's progress."""
+    with _job_errors():
+        st = _client(redis_url).status(job)
+    if as_json:
+        click.echo(json.dumps(st.to_dict()))
+    else:
+        click.echo(f"{st.id}  {st.state}  {st.done}/{st.total} done  {st.failed} error(s)")
+
+
+@click.command()
+@click.argument("job")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds (exit 3).")
+@redis_option
+def wait(job, timeout, redis_url):
+    """Wait for a job to finish (progress bar on a terminal); exit 0 when done."""
+    client = _client(redis_url)
+    with _job_errors():
+        st = _wait_with_progress(client, job, timeout)
+    _finish_message(st)
+
+
+def _wait_with_progress(client: Client, job: str, timeout: float | None):
+    client.status(job)  # unknown job: error before any progress bar
+    if not sys.stderr.isatty():
+        try:
+            return client.wait(job, timeout=timeout)
+        except TimeoutError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(3)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]} img/s"), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn())
+    start = time.monotonic()
+    with Progress(*columns, console=_stderr_console(), transient=False) as progress:
+        bar = progress.add_task("classifying", total=None, rate="-")
+
+        def show(st):
+            rate = st.done / max(time.monotonic() - start, 1e-6)
+            progress.update(bar, total=st.total, completed=st.done, rate=f"{rate:.0f}")
+
+        try:
+            return client.wait(job, timeout=timeout, on_progress=show)
+        except TimeoutError as exc:
+            progress.stop()
+            click.echo(str(exc), err=True)
+            sys.exit(3)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _finish_message(st) -> None:
+    if st.state == "done":
+        click.echo(f"job {st.id} done: {st.total} image(s), {st.failed} error(s)", err=True)
+        return
+    click.echo(f"job {st.id} {st.state}: {st.done}/{st.total} image(s) have results", err=True)
+    sys.exit(1)
+
+
+@click.command()
+@click.argument("job")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="csv (default), jsonl or geojson (photos with GPS).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write to this file instead of stdout.")
+@click.option("--per-tile", is_flag=True, help="Add the per-tile records after each photo's record.")
+@redis_option
+def results(job, fmt, output, per_tile, redis_url):
+    """Write a job's results (readable while it is still running)."""
+    client = _client(redis_url)
+    fmt = format_for(output, fmt)
+    with _job_errors():
+        client.status(job)
+        n = _write_results(client.results(job, per_tile=per_tile), fmt, output, per_tile)
+    if output:
+        click.echo(f"wrote {n} record(s) to {output}", err=True)
+
+
+def _write_results(records, fmt: str, output: str | None, per_tile: bool) -> int:
+    columns = PER_TILE_COLUMNS if per_tile else RESULT_COLUMNS
+    if output:
+        with open(output, "w", newline="", encoding="utf-8") as fh:
+            return write(records, fh, fmt, columns)
+    return write(records, sys.stdout, fmt, columns)
+
+
+@click.command()
+@click.argument("job")
+@redis_option
+def cancel(job, redis_url):
+    """Cancel a job: workers drop its remaining chunks."""
+    with _job_errors():
+        st = _client(redis_url).cancel(job)
+    click.echo(f"job {st.id} {st.state}: {st.done}/{st.total} image(s) have results", err=True)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Results file (CSV by default).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Format of --out.")
+@click.option("--workers", type=int, default=None,
+              help="Local worker processes (default 1; without CRACKQ_REDIS_URL only).")
+@click.option("--chunk-size", type=int, default=None, help="Images per task.")
+@click.option("--no-recursive", is_flag=True, help="Do not search folders recursively.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option("--overlays", type=click.Path(file_okay=False), default=None,
+              help="Write a crack map (downsized photo, crack tiles shaded) per photo into this folder.")
+@tiling_options
+@redis_option
+def run(paths, out, fmt, workers, chunk_size, no_recursive, timeout, overlays, threshold, tile_size, tile_overlap,
+        per_tile, redis_url):
+    """Classify images end to end: private Redis + local workers unless CRACKQ_REDIS_URL is set."""
+    from producer.runner import run_job
+
+    images = _find_images(paths, recursive=not no_recursive)
+    settings = Settings.load(redis_url=redis_url, threshold=threshold, tile_size=tile_size,
+                             tile_overlap=tile_overlap, chunk_size=chunk_size)
+    try:
+        summary = run_job(images, settings, out=out, fmt=format_for(out, fmt), workers=workers,
+                          per_tile=per_tile, timeout=timeout, overlays=overlays, progress=_wait_with_progress)
+    except RedisUnavailable as exc:
+        raise InputError(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted: stopped the local workers and Redis", err=True)
+        sys.exit(130)
+    _print_summary(summary)
+    if summary["state"] != "done":
+        sys.exit(1)
+
+
+def _print_summary(summary: dict) -> None:
+    labels = summary["labels"]
+    click.echo(f"{summary['images']} image(s) in {summary['seconds']:.1f}s "
+               f"({summary['images_per_second']:.1f} img/s): {labels.get('crack', 0)} crack, "
+               f"{labels.get('no_crack', 0)} no crack, {summary['errors']} error(s); "
+               f"results in {summary['out']}")
+    for reason, count in summary["error_reasons"].most_common(5):
+        click.echo(f"  {count} x {reason}")
+    if summary.get("out_of_domain"):
+        click.echo(f"  {summary['out_of_domain']} image(s) look unlike the model's training imagery "
+                   "(in_domain=false): treat their labels with caution")
+
+
+@click.command(name="settings")
+def settings():
+    """List every setting, its environment variable and default."""
+    for env, default, help_text in describe():
+        click.echo(f"{env}={default}\n    {help_text}")
+    if os.environ.get("CRACKQ_REDIS_URL"):
+        click.echo(f"\ncurrent CRACKQ_REDIS_URL: {mask_url(os.environ['CRACKQ_REDIS_URL'])}")

@@ -1,0 +1,83 @@
+"""Result files: CSV (one row per image), JSON lines, and GeoJSON for GIS tools.
+
+CSV columns are :data:`shared.contract.RESULT_COLUMNS` in that order; GeoJSON
+holds one Point feature per photo that has GPS (``[longitude, latitude(,
+altitude)]``, WGS84 as RFC 7946 requires) with the result fields as properties.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import IO, Iterable
+
+from shared.contract import RESULT_COLUMNS, TILE_COLUMNS
+
+#: CSV columns when per-tile records follow each photo's record.
+PER_TILE_COLUMNS = RESULT_COLUMNS + tuple(c for c in TILE_COLUMNS if c not in RESULT_COLUMNS)
+
+FORMATS = ("csv", "jsonl", "geojson")
+
+
+def format_for(filename: str | None, explicit: str | None) -> str:
+    """``--format`` if given, else the output file's extension, else CSV."""
+    if explicit:
+        return explicit
+    if filename:
+        lower = filename.lower()
+        if lower.endswith((".jsonl", ".ndjson")):
+            return "jsonl"
+        if lower.endswith((".geojson", ".json")):
+            return "geojson"
+    return "csv"
+
+
+def write(records: Iterable[dict], out: IO[str], fmt: str, columns=RESULT_COLUMNS) -> int:
+    writer = {"csv": write_csv, "jsonl": write_jsonl, "geojson": write_geojson}[fmt]
+    return writer(records, out, columns) if fmt == "csv" else writer(records, out)
+
+
+def write_csv(records: Iterable[dict], out: IO[str], columns=RESULT_COLUMNS) -> int:
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    n = 0
+    for record in records:
+        writer.writerow({k: _cell(record.get(k)) for k in columns})
+        n += 1
+    return n
+
+
+def write_jsonl(records: Iterable[dict], out: IO[str]) -> int:
+    n = 0
+    for record in records:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def write_geojson(records: Iterable[dict], out: IO[str]) -> int:
+    features = [feature(r) for r in records if _has_position(r) and "tile" not in r]
+    json.dump({"type": "FeatureCollection", "features": features}, out, ensure_ascii=False)
+    out.write("\n")
+    return len(features)
+
+
+def feature(record: dict) -> dict:
+    coords = [record["longitude"], record["latitude"]]
+    if record.get("altitude") is not None:
+        coords.append(record["altitude"])
+    properties = {k: record.get(k) for k in RESULT_COLUMNS if k not in ("latitude", "longitude", "altitude")}
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": coords}, "properties": properties}
+
+
+def _has_position(record: dict) -> bool:
+    return record.get("latitude") is not None and record.get("longitude") is not None
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+

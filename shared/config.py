@@ -1,0 +1,143 @@
+"""Every crackq setting, in one place.
+
+Each setting has one default here, can be set by a ``CRACKQ_*`` environment
+variable, and may be overridden by a CLI flag (the CLIs pass flags to
+:meth:`Settings.load`).  Workers, producer and training all read the same
+object, so a value never has two sources of truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+ENV_PREFIX = "CRACKQ_"
+
+#: The repository root when installed in editable mode (the default set-up).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The model that ships with the project (trained by ``crackq train``).
+DEFAULT_MODEL = PROJECT_ROOT / "models" / "crackq_mobilenetv2.keras"
+
+
+def _split_roots(value: str) -> tuple[str, ...]:
+    return tuple(os.path.abspath(p) for p in value.split(os.pathsep) if p.strip())
+
+
+def _parse_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings shared by producer, worker and training.
+
+    Field metadata ``env`` names the environment variable; ``help`` is shown
+    by ``crackq settings`` and documented in ``.env.example``.
+    """
+
+    redis_url: str = field(default="", metadata={
+        "help": "Redis URL used as broker and job store (redis://, rediss://, unix://). "
+                "Empty: `crackq run` starts a private Redis; other commands use redis://localhost:6379/0."})
+    model: str = field(default=str(DEFAULT_MODEL), metadata={
+        "help": "Path of the trained Keras model (.keras); its .onnx export and model card sit beside it."})
+    backend: str = field(default="onnx", metadata={
+        "help": "Inference backend of workers: onnx (ONNX Runtime, fastest on CPU) or tf (TensorFlow)."})
+    device: str = field(default="cpu", metadata={"help": "cpu or gpu (GPU: one worker process per GPU)."})
+    backbone_weights: str = field(default="imagenet", metadata={
+        "help": "MobileNetV2 backbone weights for training: 'imagenet' (downloaded by Keras) or a .h5 path."})
+    batch_size: int = field(default=32, metadata={"help": "Images per forward pass in a worker."})
+    chunk_size: int = field(default=64, metadata={"help": "Images per queued task (chunk)."})
+    result_ttl: int = field(default=7 * 24 * 3600, metadata={
+        "help": "Seconds that a job and its results live in Redis after their last update."})
+    data_roots: tuple[str, ...] = field(default=(), metadata={
+        "help": "Folders (os.pathsep-separated) workers may read images from. Empty: the worker's "
+                "working directory."})
+    threshold: float = field(default=0.5, metadata={
+        "help": "crack_probability at or above which an image (or tile) is labelled crack."})
+    tile_size: int = field(default=227, metadata={
+        "help": "Images larger than this (px) are cut into tiles of this size; 0 disables tiling."})
+    tile_overlap: int = field(default=0, metadata={"help": "Overlap between neighbouring tiles (px)."})
+    max_pixels: int = field(default=150_000_000, metadata={
+        "help": "Images with more pixels than this are refused with an error record (decompression bombs)."})
+    max_file_bytes: int = field(default=512 * 1024 * 1024, metadata={
+        "help": "Files larger than this are refused with an error record."})
+    queue: str = field(default="crackq", metadata={"help": "Celery queue name."})
+    visibility_timeout: int = field(default=3600, metadata={
+        "help": "Seconds before an unacknowledged chunk (its worker died) is delivered again."})
+    task_time_limit: int = field(default=1800, metadata={
+        "help": "Hard time limit of one chunk (s); the soft limit is 90% of it. Must be < visibility_timeout."})
+    max_retries: int = field(default=3, metadata={"help": "Retries of a chunk after a transient error."})
+    threads: int = field(default=0, metadata={"help": "Inference threads per worker process (0: automatic)."})
+    decode_threads: int = field(default=2, metadata={"help": "Image decoding threads per worker process."})
+    metrics_port: int = field(default=0, metadata={
+        "help": "Port of the worker's Prometheus /metrics endpoint (0: off). Each extra process uses port+i."})
+    log_level: str = field(default="INFO", metadata={"help": "Worker log level."})
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        """Defaults, then ``CRACKQ_*`` environment variables, then non-None overrides."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("data_roots"), str):
+            values["data_roots"] = _split_roots(values["data_roots"])
+        return cls(**values).validated()
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def validated(self) -> "Settings":
+        if self.backend not in {"onnx", "tf"}:
+            raise ValueError(f"backend must be 'onnx' or 'tf', not {self.backend!r}")
+        if self.device not in {"cpu", "gpu"}:
+            raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
+        if self.chunk_size < 1 or self.batch_size < 1:
+            raise ValueError("chunk_size and batch_size must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold must be between 0 and 1")
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
+        if self.tile_size and self.tile_overlap >= self.tile_size:
+            raise ValueError("tile_overlap must be smaller than tile_size")
+        return self
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or "redis://localhost:6379/0"
+
+    @property
+    def effective_data_roots(self) -> tuple[str, ...]:
+        return self.data_roots or (os.path.abspath(os.getcwd()),)
+
+    @property
+    def soft_time_limit(self) -> int:
+        return max(1, int(self.task_time_limit * 0.9))
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("tuple"):
+        return _split_roots(raw)
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "bool":
+        return _parse_bool(raw)
+    return raw
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(ENV_NAME, default, help) rows: the documentation of every setting."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = os.pathsep.join(default)
+        rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,76 @@
+"""Redis connections from one URL, with passwords kept out of logs.
+
+``CRACKQ_REDIS_URL`` serves as both the Celery broker and the job store, so
+one function turns it into a client and one function turns it into the
+Celery/kombu options, and the TLS rules (``rediss://``) live only here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import redis
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED,
+              "cert_none": ssl.CERT_NONE, "cert_optional": ssl.CERT_OPTIONAL, "cert_required": ssl.CERT_REQUIRED}
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis cannot be reached or refuses us; the message is safe to show (no password)."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs and ``--json`` output)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def ssl_options(url: str) -> dict | None:
+    """``ssl`` options for a ``rediss://`` URL (query: ``ssl_cert_reqs``, ``ssl_ca_certs``, ...)."""
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    reqs = _CERT_REQS.get(query.get("ssl_cert_reqs", "required").lower(), ssl.CERT_REQUIRED)
+    opts = {"ssl_cert_reqs": reqs}
+    for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if key in query:
+            opts[key] = query[key]
+    return opts
+
+
+def strip_ssl_query(url: str) -> str:
+    """The URL without the ``ssl_*`` query parameters (kombu wants them as options instead)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, vs in parse_qs(parts.query).items() for v in vs if not k.startswith("ssl_")]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def connect(url: str, *, check: bool = True, timeout: float = 5.0) -> redis.Redis:
+    """A Redis client; with ``check``, a PING turns connection and auth problems into clear errors."""
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout,
+                                  socket_timeout=max(timeout, 30.0), health_check_interval=30)
+    if check:
+        ping(client, url)
+    return client
+
+
+def ping(client: redis.Redis, url: str) -> None:
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        raise RedisUnavailable(f"Redis at {mask_url(url)} refused the password (wrong or missing password)") from None
+    except redis.ResponseError as exc:
+        if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+            raise RedisUnavailable(f"Redis at {mask_url(url)} needs a password (wrong or missing password)") from None
+        raise
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise RedisUnavailable(f"cannot reach Redis at {mask_url(url)}: {exc}") from None

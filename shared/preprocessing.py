@@ -1,0 +1,249 @@
+"""Image decoding, resizing and tiling: the one implementation used by training *and* serving.
+
+A model is only as good as the agreement between the pixels it was trained on
+and the pixels it is served.  Training (``training/``) and the workers
+(``worker/``) therefore both call :func:`load_rgb` and :func:`resize_to_input`
+(and serving cuts large photos with :func:`tile_grid`), so the resize filter,
+the EXIF orientation handling and the RGB conversion can never drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+#: Side of the square model input (the recipe's 160×160).
+INPUT_SIZE = 160
+#: Resize filter for every resize in training and serving (Pillow's antialiased bilinear).
+RESAMPLE = Image.Resampling.BILINEAR
+#: File extensions the producer treats as images.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+
+# A truncated file must be an error, not a silently grey half-image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+try:  # HEIC/HEIF photos (phones, some drones) when pillow-heif is installed.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - optional dependency
+    pass
+
+
+class ImageError(Exception):
+    """An image that cannot be classified; ``str(err)`` is the short reason put in the result record."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """A tile's pixel box in the (EXIF-oriented) original photo."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def as_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "w": self.w, "h": self.h}
+
+
+def check_file(path: str, max_file_bytes: int) -> None:
+    """Cheap checks before decoding, each with a reason a user understands."""
+    if not os.path.exists(path):
+        raise ImageError("file not found")
+    if os.path.isdir(path):
+        raise ImageError("is a directory, not an image")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ImageError("empty file")
+    if size > max_file_bytes:
+        raise ImageError(f"file too large ({size} bytes > limit {max_file_bytes})")
+    if not os.access(path, os.R_OK):
+        raise ImageError("permission denied")
+
+
+def open_image(path: str, max_pixels: int) -> Image.Image:
+    """Open (lazily) and check the pixel count before anything is decoded."""
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageError("not an image or unsupported format") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot open image: {_short(exc)}") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError("image has no pixels")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageError(f"image too large ({width}x{height} = {width * height} px > limit {max_pixels})")
+    return img
+
+
+def load_rgb(path: str, *, max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
+             draft_scale: float = 1.0) -> Image.Image:
+    """Decode ``path`` to an EXIF-oriented 8-bit RGB image.
+
+    ``draft_scale`` < 1 lets JPEG decoding skip detail that a later downscale
+    would throw away (Pillow's ``draft``: 1/2, 1/4 or 1/8 at decode time);
+    the returned image is then smaller than the file's pixel size.
+    """
+    check_file(path, max_file_bytes)
+    img = open_image(path, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if draft_scale < 0.5 and img.format == "JPEG":
+                w, h = img.size
+                img.draft("RGB", (max(1, math.ceil(w * draft_scale)), max(1, math.ceil(h * draft_scale))))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise ImageError(f"corrupt or truncated image: {_short(exc)}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: alpha over white, 16-bit and float scaled, CMYK/palette/grey converted."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0) if img.mode != "F" else 255.0 / max(hi, 1e-12)
+        grey = np.clip(arr * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_to_input(img: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
+    """The model input: ``size``×``size``×3 uint8 (the whole image, no crop, as in training)."""
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_input(path: str, size: int = INPUT_SIZE, **limits) -> np.ndarray:
+    """Decode one file straight to a model input array (training and small-image serving)."""
+    return resize_to_input(load_rgb(path, **limits), size)
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: int = 0) -> list[Box]:
+    """Cover a ``width``×``height`` image with ``tile``-px squares.
+
+    Steps are ``tile - overlap``; the last row/column is shifted back so it
+    ends at the image edge (tiles never stretch or pad).  A side shorter than
+    a tile gets one tile of that side's length.
+    """
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        step = tile - overlap
+        n = math.ceil((length - tile) / step) + 1
+        out = [min(i * step, length - tile) for i in range(n)]
+        return sorted(set(out))
+
+    tw, th = min(tile, width), min(tile, height)
+    return [Box(x, y, tw, th) for y in starts(height) for x in starts(width)]
+
+
+def needs_tiling(width: int, height: int, tile: int) -> bool:
+    """Images larger than a tile in either direction are tiled; smaller ones are classified whole."""
+    return bool(tile) and (width > tile or height > tile)
+
+
+def tiles_to_inputs(img: Image.Image, boxes: list[Box], original_size: tuple[int, int], tile: int,
+                    size: int = INPUT_SIZE) -> np.ndarray:
+    """Model inputs for ``boxes`` (given in original-photo pixels) from a possibly draft-decoded ``img``.
+
+    The photo is resized once so that a tile becomes ``size`` px, then each
+    tile is a plain crop: one resize per photo instead of one per tile, and
+    the same filter as :func:`resize_to_input`.
+    """
+    ow, oh = original_size
+    scale = size / tile
+    target = (max(size, round(ow * scale)), max(size, round(oh * scale)))
+    if img.size != target:
+        img = img.resize(target, RESAMPLE)
+    arr = np.asarray(img, dtype=np.uint8)
+    out = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
+    sx, sy = target[0] / ow, target[1] / oh
+    for i, b in enumerate(boxes):
+        x0 = min(round(b.x * sx), target[0] - 1)
+        y0 = min(round(b.y * sy), target[1] - 1)
+        w = max(1, round(b.w * sx))
+        h = max(1, round(b.h * sy))
+        crop = arr[y0:y0 + h, x0:x0 + w]
+        if crop.shape[0] != size or crop.shape[1] != size:
+            crop = np.asarray(Image.fromarray(crop).resize((size, size), RESAMPLE), dtype=np.uint8)
+        out[i] = crop
+    return out
+
+
+def oriented_size(path: str, max_pixels: int) -> tuple[int, int]:
+    """Pixel size after EXIF orientation, read from the header only."""
+    img = open_image(path, max_pixels)
+    try:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    finally:
+        img.close()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text[:160]
+
+
+@dataclass
+class PreparedImage:
+    """A decoded file ready for the model: one input (small image) or one per tile (large photo)."""
+
+    inputs: np.ndarray
+    boxes: list[Box] | None
+    width: int
+    height: int
+
+
+def prepare_image(path: str, *, size: int = INPUT_SIZE, tile: int = 227, overlap: int = 0,
+                  max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024) -> PreparedImage:
+    """Decode ``path`` into model inputs: whole if it fits in a tile, else as a grid of tiles.
+
+    The header is read first so that a JPEG that will be shrunk by more than
+    half is decoded at reduced size (``draft``), which keeps big photos cheap.
+    """
+    check_file(path, max_file_bytes)
+    width, height = oriented_size(path, max_pixels)
+    tiled = needs_tiling(width, height, tile)
+    scale = size / tile if tiled else max(size / width, size / height)
+    img = load_rgb(path, max_pixels=max_pixels, max_file_bytes=max_file_bytes, draft_scale=scale)
+    if not tiled:
+        return PreparedImage(resize_to_input(img, size)[None], None, width, height)
+    boxes = tile_grid(width, height, tile, overlap)
+    return PreparedImage(tiles_to_inputs(img, boxes, (width, height), tile, size), boxes, width, height)
+
+
+def is_under_roots(path: str, roots: tuple[str, ...]) -> bool:
+    """True when ``path``, with every symlink resolved, lies inside one of ``roots``."""
+    real = os.path.realpath(path)
+    for root in roots:
+        root_real = os.path.realpath(root)
+        if real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep):
+            return True
+    return False

@@ -1,0 +1,90 @@
+"""Shared pytest fixtures. Each role keeps its fixtures in its own clearly marked block."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ---- training fixtures (owner: training/) ------------------------------------------------------
+#: ``shared/`` sits beside the repository (the data set and backbone weights are never copied in).
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _require(path: Path) -> Path:
+    """The path, or fail under CI (where shared/ must be present) / skip on a developer machine."""
+    if not path.exists():
+        message = f"{path} not found (shared/ must sit beside the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def concrete_dir() -> Path:
+    """The labelled concrete data set: ``Negative/`` and ``Positive/`` 227×227 JPEGs."""
+    return _require(SHARED_DIR / "data" / "concrete")
+
+
+@pytest.fixture(scope="session")
+def backbone_weights() -> Path:
+    """MobileNetV2 α=1.0 160 px no-top weights usable offline."""
+    return _require(SHARED_DIR / "weights" / "mobilenetv2_1.00_160_no_top.weights.h5")
+# ---- end of training fixtures -------------------------------------------------------------------
+
+
+# ---- service fixtures (owner: core service) -----------------------------------------------------
+import uuid  # noqa: E402
+
+from tests.service import SHIPPED_MODEL, RedisServer, WorkerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    """The model in models/ (trained by `crackq train`, committed with the repo)."""
+    if not SHIPPED_MODEL.exists() or not SHIPPED_MODEL.with_suffix(".onnx").exists():
+        pytest.fail(f"{SHIPPED_MODEL} (and its .onnx) must be committed")
+    return SHIPPED_MODEL
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real, password-protected redis-server for the session."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A queue of the test's own, so chunks left behind by one test never reach another's workers."""
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def service_env(redis_server, queue_name, monkeypatch):
+    """Point this process's producer API at the test Redis and queue."""
+    monkeypatch.setenv("CRACKQ_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("CRACKQ_QUEUE", queue_name)
+    return {"CRACKQ_REDIS_URL": redis_server.url, "CRACKQ_QUEUE": queue_name}
+
+
+@pytest.fixture
+def start_worker(redis_server, queue_name, shipped_model, tmp_path):
+    """Factory: start real `crackq worker` processes on the test queue; all stopped at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(concurrency: int = 1, wait: bool = True, **kwargs) -> WorkerProcess:
+        kwargs.setdefault("model", shipped_model)
+        log = tmp_path / f"worker-{len(started)}.log"
+        worker = WorkerProcess(kwargs.pop("redis_url", redis_server.url), kwargs.pop("queue", queue_name), log,
+                               concurrency=concurrency, **kwargs).start()
+        started.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+# ---- end of service fixtures --------------------------------------------------------------------

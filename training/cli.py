@@ -1,0 +1,126 @@
+"""``crackq train``, ``crackq evaluate`` and ``crackq export``.
+
+TensorFlow is imported inside the command bodies only, so ``crackq --help``
+stays fast.  Defaults come from :class:`training.train.TrainConfig` and
+:class:`shared.config.Settings`; nothing is defaulted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from training.data import SPLIT_NAMES, parse_ratios
+from training.train import TrainConfig
+
+D = TrainConfig.__dataclass_fields__
+
+
+def _quiet_tensorflow() -> None:
+    """Before TF is imported: no C++ info logs, readable warnings through rich."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    for noisy in ("tensorflow", "tf2onnx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _settings(**overrides):
+    from shared.config import Settings
+
+    return Settings.load(**overrides)
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--epochs", default=D["epochs"].default, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=D["batch_size"].default, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", default=D["learning_rate"].default, show_default=True, type=float)
+@click.option("--seed", default=D["seed"].default, show_default=True, type=int, help="Split and training seed.")
+@click.option("--split", "split_ratios", default=":".join(map(str, D["ratios"].default)), show_default=True,
+              help="train:val:test proportions.")
+@click.option("--backbone-weights", default=None,
+              help="'imagenet' or a MobileNetV2 .h5 weights file [default: setting backbone_weights].")
+@click.option("--init-model", type=click.Path(exists=True, dir_okay=False),
+              help="Continue from this trained crackq .keras model (keeps its head) on DATA_DIR.")
+@click.option("--unfreeze-blocks", default=D["unfreeze_blocks"].default, show_default=True,
+              type=click.IntRange(0, 16), help="Train the top N inverted-residual blocks too (end to end).")
+@click.option("--augment/--no-augment", default=D["augment"].default, show_default=True,
+              help="Random flips, 90° rotations and brightness (end to end).")
+@click.option("--tensorboard/--no-tensorboard", default=D["tensorboard"].default, show_default=True,
+              help="Write TensorBoard logs to OUT/logs.")
+@click.option("--cache-dir", default=D["cache_dir"].default_factory(), show_default=True,
+              type=click.Path(file_okay=False), help="Where backbone features are cached.")
+@click.option("--limit-per-class", type=click.IntRange(1), help="Use only N (seeded random) images per class.")
+def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, backbone_weights, init_model,
+          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class):
+    """Train the crack classifier on DATA_DIR (one sub-folder per class) and write model, ONNX, card, plots."""
+    _quiet_tensorflow()
+    from training.train import train as run
+
+    cfg = TrainConfig(data_dir=data_dir, out=out, epochs=epochs, batch_size=batch_size,
+                      learning_rate=learning_rate, seed=seed, ratios=parse_ratios(split_ratios),
+                      backbone_weights=_settings(backbone_weights=backbone_weights).backbone_weights,
+                      init_model=init_model, unfreeze_blocks=unfreeze_blocks, augment=augment,
+                      tensorboard=tensorboard, cache_dir=cache_dir, limit_per_class=limit_per_class)
+    card = run(cfg)
+    m = card["metrics"]
+    for name in ("validation", "test"):
+        if name in m:
+            click.echo(f"{name}: accuracy {m[name]['accuracy']:.4f}  f1 {m[name]['f1']:.4f}  n {m[name]['n']}")
+    click.echo(f"training time {card['training']['training_time_seconds']} s; outputs in {out}")
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--split", type=click.Choice(SPLIT_NAMES), help="Score only this split of --split-file.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False), help="split.json of a training run.")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass [default: setting batch_size].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(model, data_dir, split, split_file, batch_size, as_json):
+    """Score MODEL (.keras) on the labelled folder DATA_DIR: accuracy, precision, recall, F1, ROC-AUC, ECE."""
+    _quiet_tensorflow()
+    from training.evaluate import evaluate_folder, model_classes, select_files
+    from training.model import load_model
+    from training.progress import bar
+
+    try:
+        classes, files = select_files(data_dir, split, split_file)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    expected = model_classes(model)
+    if expected is not None and expected != classes:
+        raise click.ClickException(f"data classes {list(classes)} differ from the model's {list(expected)}")
+    keras_model = load_model(model)
+    with bar("score", len(files)) as advance:
+        result = evaluate_folder(keras_model, data_dir, files, classes,
+                                 _settings(batch_size=batch_size).batch_size, advance)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key in ("accuracy", "precision", "recall", "f1", "roc_auc", "ece"):
+        value = result[key]
+        click.echo(f"{key:>10}: {'n/a' if value is None else f'{value:.4f}'}")
+    (tn, fp), (fn, tp) = result["confusion_matrix"]
+    click.echo(f"{'confusion':>10}: tn {tn}  fp {fp}  fn {fn}  tp {tp}   (n {result['n']}, skipped {result['skipped']})")
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), help="ONNX file [default: MODEL with .onnx suffix].")
+def export(model, out):
+    """Export MODEL (.keras) to ONNX (outputs probabilities and features) and verify it against Keras."""
+    _quiet_tensorflow()
+    from training.export import export_onnx
+    from training.model import load_model
+
+    out = out or str(Path(model).with_suffix(".onnx"))
+    diff = export_onnx(load_model(model), out)
+    click.echo(f"wrote {out} (max |ONNX - Keras| probability difference {diff:.2e})")

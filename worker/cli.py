@@ -1,0 +1,101 @@
+"""``crackq worker``: a thin wrapper over Celery's own worker.
+
+It turns flags into ``CRACKQ_*`` settings (so every pool process sees the
+same values), checks that the model files are there before consuming anything
+(a worker that cannot load its model must not swallow chunks), picks sensible
+CPU/GPU defaults, and hands over to ``celery worker``.  ``celery -A worker.app
+worker`` works too, with settings from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+
+from shared.config import ENV_PREFIX, Settings
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible to this machine (without importing TensorFlow in the pool's parent)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def plan(settings: Settings, concurrency: int | None, gpus: int) -> tuple[int, dict]:
+    """Processes to start and the settings they need (threads per process, GPU batch/backend)."""
+    env: dict[str, str] = {}
+    if settings.device == "gpu":
+        # One process per GPU; each pins its own device in worker.state.
+        concurrency = concurrency or max(1, gpus)
+        env["CRACKQ_GPU_COUNT"] = str(gpus)
+    else:
+        concurrency = concurrency or 1
+        if not settings.threads:
+            env[ENV_PREFIX + "THREADS"] = str(max(1, (os.cpu_count() or 1) // concurrency))
+    return concurrency, env
+
+
+def check_model(settings: Settings) -> None:
+    model = Path(settings.model)
+    needed = [model.with_suffix(".onnx")] if settings.backend == "onnx" else [model]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise click.ClickException(f"model file not found: {', '.join(missing)} (set CRACKQ_MODEL or --model)")
+
+
+@click.command()
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="Worker processes (default: 1 on CPU, one per GPU).")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None, help="Run inference on CPU or GPU.")
+@click.option("--backend", type=click.Choice(["onnx", "tf"]), default=None,
+              help="Inference backend (default onnx on CPU, tf on GPU).")
+@click.option("--model", default=None, help="Model .keras path (its .onnx and card beside it).")
+@click.option("--redis-url", default=None, envvar="CRACKQ_REDIS_URL", help="Broker and job store URL.")
+@click.option("--data-roots", default=None, help="Folders workers may read (os.pathsep-separated).")
+@click.option("--batch-size", type=int, default=None, help="Images per forward pass.")
+@click.option("--threads", type=int, default=None, help="Inference threads per process (0: cores/processes).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port (0: off).")
+@click.option("--hostname", "-n", default=None, help="Celery node name (default crackq-<pid>@<host>).")
+@click.option("--loglevel", "-l", default=None, help="Log level.")
+@click.option("--pool", default="prefork", show_default=True, help="Celery pool (prefork, solo, threads).")
+def worker(concurrency, device, backend, model, redis_url, data_roots, batch_size, threads, metrics_port,
+           hostname, loglevel, pool):
+    """Start a worker that classifies chunks from the queue."""
+    overrides = dict(device=device, backend=backend, model=model, redis_url=redis_url, data_roots=data_roots,
+                     batch_size=batch_size, threads=threads, metrics_port=metrics_port, log_level=loglevel)
+    if device == "gpu" and backend is None and not os.environ.get(ENV_PREFIX + "BACKEND"):
+        overrides["backend"] = "tf"
+        if batch_size is None and not os.environ.get(ENV_PREFIX + "BATCH_SIZE"):
+            overrides["batch_size"] = 128
+    settings = Settings.load(**overrides)
+    check_model(settings)
+    concurrency, extra_env = plan(settings, concurrency, count_gpus() if settings.device == "gpu" else 0)
+    _export(settings, overrides, extra_env)
+
+    from worker.app import app  # imported after the environment is set: it reads Settings.load()
+
+    argv = ["worker", "--pool", pool, "--concurrency", str(concurrency), "-Q", settings.queue,
+            "--loglevel", settings.log_level, "-n", hostname or f"crackq-{os.getpid()}@%h",
+            "--without-mingle", "--without-gossip"]
+    app.worker_main(argv)
+
+
+def _export(settings: Settings, overrides: dict, extra_env: dict) -> None:
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        value = getattr(settings, name)
+        os.environ[ENV_PREFIX + name.upper()] = os.pathsep.join(value) if isinstance(value, tuple) else str(value)
+    os.environ.update(extra_env)

@@ -1,0 +1,163 @@
+"""The model a worker process holds: loaded once, warmed up, run on fixed-shape batches.
+
+Two interchangeable backends produce the same two outputs (crack probability
+and the pooled backbone features used by the in-domain check):
+
+* ``onnx``: ONNX Runtime on the ``.onnx`` export that ships beside the
+  ``.keras`` model.  About 2.5× faster than TensorFlow on CPU, and a worker
+  that uses it never imports TensorFlow.
+* ``tf``: TensorFlow on the ``.keras`` model, through one ``tf.function``
+  with a fixed input signature (so it is traced once).  On a GPU worker this is
+  the path that uses the GPU (memory growth on).
+
+Every batch is padded to ``batch_size`` so each backend sees a single input
+shape: no retracing, no per-shape kernel selection in the hot loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shared.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Class folder names that mean "crack" in a model card's ``classes``.
+CRACK_CLASS_NAMES = ("Positive", "positive", "crack", "Crack", "cracked")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a worker needs to know about the model, read from ``model_card.json`` beside it."""
+
+    name: str
+    input_size: int
+    crack_index: int
+    card: dict
+    directory: Path
+
+    @classmethod
+    def from_model_path(cls, model_path: str) -> "ModelInfo":
+        path = Path(model_path)
+        card_path = path.with_name("model_card.json")
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        classes = card.get("classes", ["Negative", "Positive"])
+        crack_index = next((i for i, c in enumerate(classes) if c in CRACK_CLASS_NAMES), len(classes) - 1)
+        name = f"{card.get('name', path.stem)}:{card.get('version', '0')}"
+        return cls(name=name, input_size=int(card.get("input_size", 160)), crack_index=crack_index,
+                   card=card, directory=path.parent)
+
+
+class Classifier:
+    """Loaded model + fixed-batch forward function. Build it with :func:`load_classifier`."""
+
+    def __init__(self, info: ModelInfo, batch_size: int, forward):
+        self.info = info
+        self.batch_size = batch_size
+        self._forward = forward
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crack probability (N,) and features (N, D) for uint8 images (N, S, S, 3); any N."""
+        probs, feats = [], []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            n = len(batch)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n,) + batch.shape[1:], dtype=batch.dtype)
+                batch = np.concatenate([batch, pad])
+            p, f = self._forward(batch.astype(np.float32, copy=False))
+            probs.append(p[:n, self.info.crack_index])
+            feats.append(f[:n])
+        if not probs:
+            return np.zeros((0,), np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(probs), np.concatenate(feats)
+
+    def warm_up(self) -> None:
+        size = self.info.input_size
+        self.predict(np.zeros((1, size, size, 3), dtype=np.uint8))
+
+
+def load_classifier(settings: Settings) -> Classifier:
+    info = ModelInfo.from_model_path(settings.model)
+    if settings.backend == "onnx":
+        forward = _onnx_forward(settings, info)
+    else:
+        forward = _tf_forward(settings, info)
+    classifier = Classifier(info, settings.batch_size, forward)
+    classifier.warm_up()
+    log.info("loaded model %s (%s backend, batch %d)", info.name, settings.backend, settings.batch_size)
+    return classifier
+
+
+def onnx_path_for(model_path: str) -> Path:
+    return Path(model_path).with_suffix(".onnx")
+
+
+def _onnx_forward(settings: Settings, info: ModelInfo):
+    import onnxruntime as ort
+
+    path = onnx_path_for(settings.model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: export it with `crackq export {settings.model}` "
+                                "or use CRACKQ_BACKEND=tf")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads or (os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if settings.device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+    input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    prob_name = next(n for n in names if "prob" in n)
+    feat_name = next(n for n in names if "feat" in n)
+
+    def forward(batch: np.ndarray):
+        p, f = session.run([prob_name, feat_name], {input_name: batch})
+        return p, f
+
+    return forward
+
+
+def configure_tensorflow(settings: Settings):
+    """Import TensorFlow with the worker's thread and GPU settings (call once per process)."""
+    import tensorflow as tf
+
+    if settings.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        # Several processes (or a process and a training job) can share a GPU only with growth on.
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if settings.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _tf_forward(settings: Settings, info: ModelInfo):
+    tf = configure_tensorflow(settings)
+    import keras
+
+    from shared.serving import serving_model
+
+    model = serving_model(keras.models.load_model(settings.model, compile=False))
+    size = info.input_size
+    spec = tf.TensorSpec([settings.batch_size, size, size, 3], tf.float32)
+
+    @tf.function(input_signature=[spec], reduce_retracing=True)
+    def run(batch):
+        out = model(batch, training=False)
+        return out["probabilities"], out["features"]
+
+    def forward(batch: np.ndarray):
+        p, f = run(tf.constant(batch))
+        return p.numpy(), f.numpy()
+
+    return forward
