@@ -72,23 +72,45 @@ class Client:
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2,
              on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        """Poll until the job is finished (done, failed or cancelled) or ``timeout`` passes."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Poll until the job is finished (done, failed or cancelled) or ``timeout`` passes.
+
+        The interval adapts (:func:`poll_interval`): a few milliseconds while a
+        job is young or about to finish, up to ``poll`` seconds in between, so
+        a one-image job returns within milliseconds of its result and a long
+        job costs Redis a handful of cheap reads per second.
+        """
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         while True:
             status = self.status(job_id)
             if on_progress:
                 on_progress(status)
             if status.finished:
                 return status
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout:g}s ({status.done}/{status.total})")
-            time.sleep(poll)
+            pause = poll_interval(status.done, status.total, now - started, poll)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
 
     def results(self, job_id: str, per_tile: bool = False) -> Iterator[dict]:
         return self.store.results(job_id, with_tiles=per_tile)
 
     def cancel(self, job_id: str) -> JobStatus:
         return self.store.cancel(job_id)
+
+
+def poll_interval(done: int, total: int, elapsed: float, longest: float, shortest: float = 0.005) -> float:
+    """Seconds until the next status read: a quarter of the time waited so far, or half the expected rest.
+
+    Either way the delay a poll adds is a small fraction of the job's own run
+    time (single images stay fast, long jobs finish on time), and Redis sees at
+    most one read per ``shortest`` seconds.
+    """
+    pause = elapsed / 4
+    if done:
+        pause = min(pause, (total - done) * elapsed / done / 2)
+    return min(longest, max(shortest, pause))
 
 
 def plan_chunks(items: list[dict], chunk_size: int) -> list[list[dict]]:

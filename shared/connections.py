@@ -11,6 +11,13 @@ import ssl
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
+
+#: Once connected, a command that loses its connection is retried this many times with backoff
+#: (0.4, 0.8, 1.6, then 2 s steps: about 20 s in all), so a Redis restart (AOF reload included)
+#: is a pause, not an error.
+RIDE_OVER_RETRIES = 12
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED,
               "cert_none": ssl.CERT_NONE, "cert_optional": ssl.CERT_OPTIONAL, "cert_required": ssl.CERT_REQUIRED}
@@ -57,10 +64,22 @@ def strip_ssl_query(url: str) -> str:
 def connect(url: str, *, check: bool = True, timeout: float = 5.0) -> redis.Redis:
     """A Redis client; with ``check``, a PING turns connection and auth problems into clear errors."""
     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout,
-                                  socket_timeout=max(timeout, 30.0), health_check_interval=30)
+                                  socket_timeout=max(timeout, 30.0), health_check_interval=30,
+                                  retry=Retry(NoBackoff(), 0))
     if check:
-        ping(client, url)
+        ping(client, url)  # fails fast: a wrong URL or password is reported at once
+    client.set_retry(ride_over_retry())
     return client
+
+
+def ride_over_retry() -> Retry:
+    """Retry a command on a lost connection for about 20 s (Redis restarting or loading its AOF).
+
+    Only connection errors (``BusyLoadingError`` included) are retried: a
+    timeout may mean the command ran, and wrong passwords or bad commands are
+    not transient.
+    """
+    return Retry(ExponentialBackoff(cap=2.0, base=0.2), RIDE_OVER_RETRIES, supported_errors=(redis.ConnectionError,))
 
 
 def ping(client: redis.Redis, url: str) -> None:

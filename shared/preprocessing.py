@@ -75,8 +75,10 @@ def open_image(path: str, max_pixels: int) -> Image.Image:
         raise ImageError("not an image or unsupported format") from None
     except PermissionError:
         raise ImageError("permission denied") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot open image: {_short(exc)}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {_short(exc)}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"corrupt or truncated image: {_short(exc)}") from None
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageError("image has no pixels")
@@ -200,7 +202,10 @@ def oriented_size(path: str, max_pixels: int) -> tuple[int, int]:
     img = open_image(path, max_pixels)
     try:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+            orientation = 1
         return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     finally:
         img.close()

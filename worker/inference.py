@@ -10,8 +10,11 @@ and the pooled backbone features used by the in-domain check):
   with a fixed input signature (so it is traced once).  On a GPU worker this is
   the path that uses the GPU (memory growth on).
 
-Every batch is padded to ``batch_size`` so each backend sees a single input
-shape: no retracing, no per-shape kernel selection in the hot loop.
+Batches hold at most ``batch_size`` images.  The TensorFlow backend pads every
+batch to exactly ``batch_size`` so its ``tf.function`` sees a single input shape
+(traced once, no retracing in the hot loop).  ONNX Runtime has a dynamic batch
+dimension and no tracing, so it runs the real number of images: a single
+image (latency) or a chunk's last partial batch costs no padded work.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from shared.config import Settings
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +53,22 @@ class ModelInfo:
         card_path = path.with_name("model_card.json")
         card = json.loads(card_path.read_text()) if card_path.exists() else {}
         classes = card.get("classes", ["Negative", "Positive"])
-        crack_index = next((i for i, c in enumerate(classes) if c in CRACK_CLASS_NAMES), len(classes) - 1)
+        positive = card.get("positive_class")
+        crack_index = (classes.index(positive) if positive in classes else
+                       next((i for i, c in enumerate(classes) if c in CRACK_CLASS_NAMES), len(classes) - 1))
         name = f"{card.get('name', path.stem)}:{card.get('version', '0')}"
-        return cls(name=name, input_size=int(card.get("input_size", 160)), crack_index=crack_index,
+        size = card.get("input", {}).get("size", [card.get("input_size", 160)])[0]
+        return cls(name=name, input_size=int(size), crack_index=crack_index,
                    card=card, directory=path.parent)
 
 
 class Classifier:
     """Loaded model + fixed-batch forward function. Build it with :func:`load_classifier`."""
 
-    def __init__(self, info: ModelInfo, batch_size: int, forward):
+    def __init__(self, info: ModelInfo, batch_size: int, forward, fixed_shape: bool = True):
         self.info = info
         self.batch_size = batch_size
+        self.fixed_shape = fixed_shape
         self._forward = forward
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,10 +77,12 @@ class Classifier:
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             n = len(batch)
-            if n < self.batch_size:
+            if self.fixed_shape and n < self.batch_size:
                 pad = np.zeros((self.batch_size - n,) + batch.shape[1:], dtype=batch.dtype)
                 batch = np.concatenate([batch, pad])
+            started = time.perf_counter()
             p, f = self._forward(batch.astype(np.float32, copy=False))
+            metrics.observe_batch(n, time.perf_counter() - started)
             probs.append(p[:n, self.info.crack_index])
             feats.append(f[:n])
         if not probs:
@@ -86,10 +97,9 @@ class Classifier:
 def load_classifier(settings: Settings) -> Classifier:
     info = ModelInfo.from_model_path(settings.model)
     if settings.backend == "onnx":
-        forward = _onnx_forward(settings, info)
+        classifier = Classifier(info, settings.batch_size, _onnx_forward(settings, info), fixed_shape=False)
     else:
-        forward = _tf_forward(settings, info)
-    classifier = Classifier(info, settings.batch_size, forward)
+        classifier = Classifier(info, settings.batch_size, _tf_forward(settings, info), fixed_shape=True)
     classifier.warm_up()
     log.info("loaded model %s (%s backend, batch %d)", info.name, settings.backend, settings.batch_size)
     return classifier

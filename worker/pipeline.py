@@ -77,11 +77,20 @@ class ChunkRunner:
 
     # -- decoding ------------------------------------------------------
     def _decode_ahead(self, items: list[dict], options: ChunkOptions):
-        lookahead = max(2, 2 * self.settings.decode_threads)
+        """Yield decoded items in order while the pool keeps decoding the ones after them.
+
+        A whole batch (plus one image per decode thread) is kept in flight, so
+        the next batch decodes while the current one is in the model: decode
+        and inference overlap instead of taking turns.  Decoded inputs waiting
+        to be consumed are capped at two batches, so a run of big tiled photos
+        cannot pile up in memory.
+        """
+        lookahead = self.classifier.batch_size + max(1, self.settings.decode_threads)
+        input_cap = 2 * self.classifier.batch_size
         pending: deque = deque()
         queue = iter(items)
         while True:
-            while len(pending) < lookahead:
+            while len(pending) < lookahead and _ready_inputs(pending) < input_cap:
                 item = next(queue, None)
                 if item is None:
                     break
@@ -160,6 +169,16 @@ class ChunkRunner:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ready_inputs(pending: deque) -> int:
+    """Model inputs already decoded among ``pending`` futures (a tiled photo counts its tiles)."""
+    total = 0
+    for future in pending:
+        if future.done() and not future.exception():
+            prepared = future.result().prepared
+            total += len(prepared.inputs) if prepared is not None else 0
+    return total
 
 
 def _domain_fields(scores: np.ndarray, familiar: np.ndarray) -> dict:

@@ -15,10 +15,11 @@ import time
 
 import redis
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
+from shared.connections import connect
 from shared.contract import TASK_NAME, ChunkOptions, error_record
-from shared.store import JOB_CANCELLED, JOB_MISSING
+from shared.store import JOB_CANCELLED, JOB_MISSING, JobStore
 from worker import metrics, state
 from worker.app import app, settings
 
@@ -30,13 +31,31 @@ TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError, 
 class ChunkTask(Task):
     """Adds the "retries exhausted" handling to Celery's retry machinery."""
 
+    def retry(self, *args, **kwargs):
+        """Celery's retry, except that a retry that cannot be queued puts the chunk back instead of dropping it.
+
+        Celery answers a failed retry publish (the broker is down: the usual
+        cause of the very error being retried) with ``Reject(requeue=False)``,
+        which acknowledges the message and loses the chunk.  Requeueing keeps
+        it: kombu puts it back on the queue, or, if Redis is still away, it
+        stays unacknowledged and comes back after the visibility timeout.
+        """
+        try:
+            return super().retry(*args, **kwargs)
+        except Reject as exc:
+            if exc.requeue:
+                raise
+            log.warning("could not queue the retry of chunk %s (%s): requeueing it", self.request.id, exc.reason)
+            raise Reject(exc.reason, requeue=True) from None
+
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         job_id, items = _job_and_items(args, kwargs)
-        reason = ("chunk timed out" if isinstance(exc, SoftTimeLimitExceeded)
+        reason = ("chunk timed out" if isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded))
                   else f"chunk failed after {self.request.retries} retries: {type(exc).__name__}: {str(exc)[:120]}")
         log.error("job %s chunk %s failed: %s", job_id, task_id, reason)
+        metrics.observe_failure()
         try:
-            _, store = state.load()
+            store = _store()
             written = store.client.hmget(f"crackq:job:{job_id}:results", [str(i["index"]) for i in items])
             missing = {i["index"]: error_record(i["path"], reason, worker=state.worker_name())
                        for i, have in zip(items, written) if have is None}
@@ -60,10 +79,18 @@ def classify_chunk(self, job_id: str, items: list[dict], options: dict | None = 
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
     done = store.write_results(job_id, output.records, output.tiles)
     errors = sum(1 for r in output.records.values() if r.get("error"))
-    metrics.observe_chunk(len(output.records), errors, time.perf_counter() - start)
+    metrics.observe_chunk(output.records.values(), time.perf_counter() - start)
     if done in (JOB_MISSING, JOB_CANCELLED):
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
     return {"job_id": job_id, "done": len(output.records), "errors": errors}
+
+
+def _store() -> JobStore:
+    """The job store without the model: ``on_failure`` also runs in the pool's parent (hard time
+    limit), where loading a model would break the pool children it forks later."""
+    if "store" not in state._state:
+        state._state["store"] = JobStore(connect(settings.effective_redis_url, check=False), settings.result_ttl)
+    return state._state["store"]
 
 
 def _job_and_items(args, kwargs) -> tuple[str, list[dict]]:

@@ -1,0 +1,49 @@
+# Two commands on a fresh machine:  `make demo`  (the main job)  and  `make test`  (the suite).
+# Both create/refresh .venv and install the project into it first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SHARED := $(abspath ../shared)
+EXTRAS ?= cpu,monitoring,dev
+
+# Machines here have no internet: when the offline backbone file sits beside the repo, use it
+# (real users get weights="imagenet" from Keras by default).
+ifneq ($(wildcard $(SHARED)/weights/mobilenetv2_1.00_160_no_top.weights.h5),)
+export CRACKQ_BACKBONE_WEIGHTS ?= $(SHARED)/weights/mobilenetv2_1.00_160_no_top.weights.h5
+endif
+
+.PHONY: venv demo test bench soak clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## make demo: classify sample images on the embedded default (private Redis + local workers):
+## generated samples (patches + a large GPS-tagged photo), plus real photos from ../shared if present.
+DEMO_DIR  := demo-out
+DEMO_REAL := $(if $(wildcard $(SHARED)/data/concrete),'$(SHARED)/data/concrete/*/001*.jpg')
+demo: venv
+	$(BIN)/crackq samples $(DEMO_DIR)/samples
+	$(BIN)/crackq run $(DEMO_DIR)/samples $(DEMO_REAL) --out $(DEMO_DIR)/results.csv \
+		--overlays $(DEMO_DIR)/overlays
+	@echo "results: $(DEMO_DIR)/results.csv   crack maps: $(DEMO_DIR)/overlays/"
+
+## make test: the whole suite (real Redis, real workers, real images from ../shared).
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+## make bench: throughput comparison measured in one run (long; not part of the tests).
+bench: venv
+	$(BIN)/python benchmarks/throughput.py
+
+soak: venv
+	$(BIN)/python benchmarks/soak.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache
