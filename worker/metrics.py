@@ -113,13 +113,16 @@ class ClusterCollector:
     def __init__(self, settings: Settings):
         import redis
         from kombu.transport.redis import Channel
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         from worker.inference import ModelInfo
 
         self.settings = settings
         self.model = ModelInfo.from_model_path(settings.model).name
+        # One try with a short timeout: a scrape answers within seconds even if Redis hangs.
         self.redis = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=SCRAPE_TIMEOUT,
-                                          socket_timeout=SCRAPE_TIMEOUT)
+                                          socket_timeout=SCRAPE_TIMEOUT, retry=Retry(NoBackoff(), 0))
         # The lists kombu keeps for one queue: the queue itself plus one per priority step.
         self.queue_keys = [settings.queue] + [f"{settings.queue}{Channel.sep}{p}" for p in Channel.priority_steps if p]
         self.unacked_key = Channel.unacked_key
