@@ -113,10 +113,14 @@ def test_unfreeze_blocks_opens_top_blocks_but_keeps_batchnorm_frozen(untrained):
 
 def test_serving_model_outputs(untrained):
     from shared.serving import serving_model
+    from training.model import feature_model
 
-    out = serving_model(untrained).predict(np.full((2, 160, 160, 3), 128, np.float32), verbose=0)
-    assert out["probabilities"].shape == (2, 2) and out["features"].shape == (2, 1280)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 160, 160, 3)).astype(np.float32)
+    out = serving_model(untrained).predict(images, verbose=0)
+    assert out["probabilities"].shape == (2, 2)
     np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1, rtol=1e-5)
+    pooled = feature_model(untrained).predict(images, verbose=0)
+    np.testing.assert_allclose(out["features"][:, :1280], pooled, rtol=1e-5, atol=1e-6)  # pooled values first
 
 
 # ---- a short real training run -------------------------------------------------------------------
@@ -224,3 +228,19 @@ def test_shipped_onnx_matches_keras_on_real_images(shipped, concrete_dir):
     images = np.concatenate([b for _, b in iter_batches(str(concrete_dir), files, 32, [])])
     assert len(images) == 32
     assert verify(serving_model(shipped), SHIPPED / "crackq_mobilenetv2.onnx", images) < 1e-4
+
+
+def test_end_to_end_fit_updates_only_unfrozen_blocks(concrete_dir, backbone_weights, tmp_path):
+    from training.model import build_model, load_model
+    from training.train import TrainConfig, train
+
+    cfg = TrainConfig(data_dir=str(concrete_dir), out=str(tmp_path), epochs=1, limit_per_class=10,
+                      learning_rate=1e-5, unfreeze_blocks=1, augment=True, backbone_weights=str(backbone_weights),
+                      cache_dir=str(tmp_path / "unused"))
+    card = train(cfg)
+    assert card["training"]["feature_extraction"]["mode"] == "end-to-end"
+    before, after = build_model(str(backbone_weights)), load_model(tmp_path / "crackq_mobilenetv2.keras")
+    changed = lambda name: not all(np.array_equal(a, b) for a, b in zip(before.get_layer(name).get_weights(),
+                                                                         after.get_layer(name).get_weights()))
+    assert changed("block_16_project") and changed("Conv_1")
+    assert not changed("block_15_project") and not changed("block_16_project_BN") and not changed("Conv_1_bn")

@@ -30,6 +30,13 @@ def _quiet_tensorflow() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _ratios(text: str):
+    try:
+        return parse_ratios(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _settings(**overrides):
     from shared.config import Settings
 
@@ -44,7 +51,7 @@ def _settings(**overrides):
 @click.option("--learning-rate", default=D["learning_rate"].default, show_default=True, type=float)
 @click.option("--seed", default=D["seed"].default, show_default=True, type=int, help="Split and training seed.")
 @click.option("--split", "split_ratios", default=":".join(map(str, D["ratios"].default)), show_default=True,
-              help="train:val:test proportions.")
+              callback=lambda ctx, param, value: _ratios(value), help="train:val:test proportions.")
 @click.option("--backbone-weights", default=None,
               help="'imagenet' or a MobileNetV2 .h5 weights file [default: setting backbone_weights].")
 @click.option("--init-model", type=click.Path(exists=True, dir_okay=False),
@@ -65,7 +72,7 @@ def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, 
     from training.train import train as run
 
     cfg = TrainConfig(data_dir=data_dir, out=out, epochs=epochs, batch_size=batch_size,
-                      learning_rate=learning_rate, seed=seed, ratios=parse_ratios(split_ratios),
+                      learning_rate=learning_rate, seed=seed, ratios=split_ratios,
                       backbone_weights=_settings(backbone_weights=backbone_weights).backbone_weights,
                       init_model=init_model, unfreeze_blocks=unfreeze_blocks, augment=augment,
                       tensorboard=tensorboard, cache_dir=cache_dir, limit_per_class=limit_per_class)

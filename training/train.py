@@ -122,9 +122,15 @@ def _compile(model, cfg: TrainConfig) -> None:
 
 
 def _callbacks(cfg: TrainConfig) -> list:
+    import importlib.util
+
     import keras
 
-    return [keras.callbacks.TensorBoard(log_dir=str(Path(cfg.out) / "logs"))] if cfg.tensorboard else []
+    if not cfg.tensorboard:
+        return []
+    if importlib.util.find_spec("tensorboard") is None:  # tensorflow-cpu does not always pull it in
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return [keras.callbacks.TensorBoard(log_dir=str(Path(cfg.out) / "logs"))]
 
 
 def _fit_on_features(model, split: Split, cfg: TrainConfig):
@@ -154,14 +160,20 @@ def _fit_end_to_end(model, split: Split, cfg: TrainConfig):
         ds = tf.data.Dataset.from_tensor_slices((images, split.labels(name)))
         if training:
             ds = ds.shuffle(len(kept), seed=cfg.seed, reshuffle_each_iteration=True)
-            if cfg.augment:
-                ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+        if training and cfg.augment:
+            ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
 
+    if cfg.unfreeze_blocks and cfg.learning_rate > 1e-4:
+        log.warning("unfreezing backbone blocks at learning rate %g can wreck the pretrained features; "
+                    "fine-tuning usually wants ~1e-5 (and --init-model for a trained head)", cfg.learning_rate)
     train_ds = dataset("train", True)
     val_ds = dataset("val", False) if split.files["val"] else None
     _compile(model, cfg)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2, callbacks=_callbacks(cfg))
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=2,
+                        shuffle=False,  # the dataset reshuffles itself each epoch
+                        callbacks=_callbacks(cfg))
     return _plain(history.history), {"mode": "end-to-end", "augment": cfg.augment,
                                      "unfreeze_blocks": cfg.unfreeze_blocks}
 
@@ -182,14 +194,14 @@ def decode_all(root: str, split: Split, name: str):
 
 
 def augment(image, label):
-    """Random flips, a random multiple of 90° and ±10 % brightness: crack orientation carries no label."""
+    """Random flips, a random multiple of 90° and ±10 % brightness on float 0–255 pixels:
+    a crack is a crack in any orientation and light."""
     import tensorflow as tf
 
     image = tf.image.random_flip_left_right(image)
     image = tf.image.random_flip_up_down(image)
     image = tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
-    image = tf.cast(image, tf.float32) + tf.random.uniform([], -25.5, 25.5)
-    return tf.cast(tf.clip_by_value(image, 0, 255), tf.uint8), label
+    return tf.clip_by_value(image + tf.random.uniform([], -25.5, 25.5), 0, 255), label
 
 
 def _score_splits(model, split: Split, root: str):
