@@ -33,7 +33,7 @@ BYTES_PER_UNIT = 256 * 1024
 class Client:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.redis = connect(settings.effective_redis_url)
+        self.redis = connect(settings.effective_redis_url, retry_seconds=settings.redis_retry_seconds)
         self.store = JobStore(self.redis, settings.result_ttl)
         self._celery = None
 

@@ -170,16 +170,33 @@ def _finish_message(st) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write to this file instead of stdout.")
 @click.option("--per-tile", is_flag=True, help="Add the per-tile records after each photo's record.")
+@click.option("--overlays", type=click.Path(file_okay=False), default=None,
+              help="Also write a crack map per photo into this folder (needs a job submitted with --per-tile).")
 @redis_option
-def results(job, fmt, output, per_tile, redis_url):
+def results(job, fmt, output, per_tile, overlays, redis_url):
     """Write a job's results (readable while it is still running)."""
     client = _client(redis_url)
     fmt = format_for(output, fmt)
     with _job_errors():
         client.status(job)
-        n = _write_results(client.results(job, per_tile=per_tile), fmt, output, per_tile)
+        records = client.results(job, per_tile=per_tile or bool(overlays))
+        if overlays:
+            records = list(records)
+        n = _write_results(records if per_tile or not overlays else [r for r in records if "tile" not in r],
+                           fmt, output, per_tile)
+        if overlays:
+            _write_overlays(records, overlays, client.store.options(job).get("threshold", 0.5))
     if output:
         click.echo(f"wrote {n} record(s) to {output}", err=True)
+
+
+def _write_overlays(records: list[dict], folder: str, threshold: float) -> None:
+    from producer.overlays import write_overlays
+
+    if not any("tile" in r for r in records):
+        click.echo("no tile records: crack maps need a job submitted with --per-tile", err=True)
+    maps = write_overlays(records, folder, threshold=threshold)
+    click.echo(f"wrote {len(maps)} crack map(s) to {folder}", err=True)
 
 
 def _write_results(records, fmt: str, output: str | None, per_tile: bool) -> int:

@@ -69,10 +69,14 @@ class Settings:
     task_time_limit: int = field(default=1800, metadata={
         "help": "Hard time limit of one chunk (s); the soft limit is 90% of it. Must be < visibility_timeout."})
     max_retries: int = field(default=3, metadata={"help": "Retries of a chunk after a transient error."})
+    redis_retry_seconds: float = field(default=20.0, metadata={
+        "help": "Seconds a Redis command keeps retrying a lost connection (Redis restarting) before it fails; "
+                "a chunk that still fails is retried by Celery with backoff (CRACKQ_MAX_RETRIES)."})
     threads: int = field(default=0, metadata={"help": "Inference threads per worker process (0: automatic)."})
     decode_threads: int = field(default=2, metadata={"help": "Image decoding threads per worker process."})
     metrics_port: int = field(default=0, metadata={
-        "help": "Port of the worker's Prometheus /metrics endpoint (0: off). Each extra process uses port+i."})
+        "help": "Port of the worker's Prometheus /metrics endpoint (0: off): one per `crackq worker`, "
+                "summing its pool processes."})
     log_level: str = field(default="INFO", metadata={"help": "Worker log level."})
 
     @classmethod

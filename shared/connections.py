@@ -14,10 +14,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-#: Once connected, a command that loses its connection is retried this many times with backoff
-#: (0.4, 0.8, 1.6, then 2 s steps: about 20 s in all), so a Redis restart (AOF reload included)
-#: is a pause, not an error.
-RIDE_OVER_RETRIES = 12
+from shared.config import Settings
 
 _CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED,
               "cert_none": ssl.CERT_NONE, "cert_optional": ssl.CERT_OPTIONAL, "cert_required": ssl.CERT_REQUIRED}
@@ -61,25 +58,34 @@ def strip_ssl_query(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
 
 
-def connect(url: str, *, check: bool = True, timeout: float = 5.0) -> redis.Redis:
-    """A Redis client; with ``check``, a PING turns connection and auth problems into clear errors."""
+def connect(url: str, *, check: bool = True, timeout: float = 5.0, retry_seconds: float | None = None) -> redis.Redis:
+    """A Redis client; with ``check``, a PING turns connection and auth problems into clear errors.
+
+    Once connected, commands ride over a lost connection for ``retry_seconds``
+    (default: the ``redis_retry_seconds`` setting), so a Redis restart is a pause, not an error.
+    """
     client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=timeout,
                                   socket_timeout=max(timeout, 30.0), health_check_interval=30,
                                   retry=Retry(NoBackoff(), 0))
     if check:
         ping(client, url)  # fails fast: a wrong URL or password is reported at once
-    client.set_retry(ride_over_retry())
+    client.set_retry(ride_over_retry(Settings().redis_retry_seconds if retry_seconds is None else retry_seconds))
     return client
 
 
-def ride_over_retry() -> Retry:
-    """Retry a command on a lost connection for about 20 s (Redis restarting or loading its AOF).
+def ride_over_retry(seconds: float) -> Retry:
+    """Retry a command on a lost connection with backoff (0.4, 0.8, 1.6, then 2 s steps) for ``seconds``.
 
-    Only connection errors (``BusyLoadingError`` included) are retried: a
-    timeout may mean the command ran, and wrong passwords or bad commands are
-    not transient.
+    Only connection errors (``BusyLoadingError`` of a Redis loading its AOF
+    included) are retried: a timeout may mean the command ran, and wrong
+    passwords or bad commands are not transient.
     """
-    return Retry(ExponentialBackoff(cap=2.0, base=0.2), RIDE_OVER_RETRIES, supported_errors=(redis.ConnectionError,))
+    backoff = ExponentialBackoff(cap=2.0, base=0.2)
+    retries, waited = 0, 0.0
+    while waited < seconds:
+        retries += 1
+        waited += backoff.compute(retries)
+    return Retry(backoff, retries, supported_errors=(redis.ConnectionError,))
 
 
 def ping(client: redis.Redis, url: str) -> None:

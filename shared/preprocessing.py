@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", 
 
 # A truncated file must be an error, not a silently grey half-image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Decompression bombs are refused by :func:`open_image` against the ``max_pixels`` setting, from the
+# header, before anything is decoded.  Pillow's own process-wide limit is switched off: it would
+# override the setting, and turning its warning into an error needs ``warnings.catch_warnings``,
+# which is not thread-safe (the decode threads would see each other's filters).
+Image.MAX_IMAGE_PIXELS = None
 
 try:  # HEIC/HEIF photos (phones, some drones) when pillow-heif is installed.
     from pillow_heif import register_heif_opener
@@ -99,18 +103,15 @@ def load_rgb(path: str, *, max_pixels: int = 150_000_000, max_file_bytes: int = 
     check_file(path, max_file_bytes)
     img = open_image(path, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if draft_scale < 0.5 and img.format == "JPEG":
-                w, h = img.size
-                img.draft("RGB", (max(1, math.ceil(w * draft_scale)), max(1, math.ceil(h * draft_scale))))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+        if draft_scale < 0.5 and img.format == "JPEG":
+            w, h = img.size
+            img.draft("RGB", (max(1, math.ceil(w * draft_scale)), max(1, math.ceil(h * draft_scale))))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"corrupt or truncated image: {_short(exc)}") from None
 
 

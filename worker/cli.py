@@ -47,6 +47,19 @@ def plan(settings: Settings, concurrency: int | None, gpus: int) -> tuple[int, d
     return concurrency, env
 
 
+def check_redis(settings: Settings) -> None:
+    """A wrong URL or password is a configuration error: say so and exit, rather than retry forever."""
+    from shared.connections import RedisUnavailable, connect
+
+    try:
+        connect(settings.effective_redis_url, timeout=10).close()
+    except RedisUnavailable as exc:
+        if "password" in str(exc):
+            raise click.ClickException(str(exc)) from None
+        # Unreachable: Redis may simply start later (compose, reboots); Celery keeps retrying.
+        click.echo(f"warning: {exc}; will keep retrying", err=True)
+
+
 def check_model(settings: Settings) -> None:
     model = Path(settings.model)
     needed = [model.with_suffix(".onnx")] if settings.backend == "onnx" else [model]
@@ -81,6 +94,7 @@ def worker(concurrency, device, backend, model, redis_url, data_roots, batch_siz
             overrides["batch_size"] = 128
     settings = Settings.load(**overrides)
     check_model(settings)
+    check_redis(settings)
     concurrency, extra_env = plan(settings, concurrency, count_gpus() if settings.device == "gpu" else 0)
     _export(settings, overrides, extra_env)
 

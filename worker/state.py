@@ -42,7 +42,8 @@ def load(settings: Settings | None = None):
             classifier = load_classifier(settings)
             domain = DomainScorer.load(classifier.info.directory)
             _state["runner"] = ChunkRunner(classifier, settings, worker_name(), domain)
-            _state["store"] = JobStore(connect(settings.effective_redis_url, check=False), settings.result_ttl)
+            _state["store"] = JobStore(connect(settings.effective_redis_url, check=False,
+                                                retry_seconds=settings.redis_retry_seconds), settings.result_ttl)
             _state["settings"] = settings
             _state["pid"] = os.getpid()
             metrics.start(settings)

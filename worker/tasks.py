@@ -89,7 +89,8 @@ def _store() -> JobStore:
     """The job store without the model: ``on_failure`` also runs in the pool's parent (hard time
     limit), where loading a model would break the pool children it forks later."""
     if "store" not in state._state:
-        state._state["store"] = JobStore(connect(settings.effective_redis_url, check=False), settings.result_ttl)
+        client = connect(settings.effective_redis_url, check=False, retry_seconds=settings.redis_retry_seconds)
+        state._state["store"] = JobStore(client, settings.result_ttl)
     return state._state["store"]
 
 
