@@ -214,3 +214,11 @@ def test_crackq_run_stops_everything_on_interrupt(concrete_dir, tmp_path, shippe
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     wait_until(lambda: _alive(family.seen) == set(), 30, 0.2, "every started process to exit")
+
+
+def test_a_worker_with_a_wrong_password_exits_with_a_clear_message(redis_server, shipped_model):
+    wrong = redis_server.url.replace(redis_server.password, "not-the-password")
+    proc = crackq("worker", env={"CRACKQ_REDIS_URL": wrong, "CRACKQ_MODEL": str(shipped_model)}, check=False,
+                  timeout=120)
+    assert proc.returncode != 0
+    assert "password" in proc.stderr and "not-the-password" not in proc.stderr + proc.stdout
