@@ -25,6 +25,7 @@ COMMANDS = {
     "train": "training.cli:train",
     "evaluate": "training.cli:evaluate",
     "export": "training.cli:export",
+    "domain-fit": "training.domain_fit:domain_fit",
     "tiles": "producer.tiles_cli:tiles",
 }
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 #: Longest side of a crack map in px: enough to see a tile of a 4000 px photo, small enough to mail.
 MAX_SIDE = 1600
 LOW, HIGH = np.array([255, 214, 0]), np.array([225, 20, 20])   # colour at the threshold / at probability 1
-ALPHA_LOW, ALPHA_HIGH = 0.30, 0.65
+ALPHA_LOW, ALPHA_HIGH = 0.25, 0.5
 CAPTION = 28
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from producer.discover import discover
 from shared.config import Settings
-from shared.preprocessing import Box, ImageError, load_rgb, oriented_size, tile_grid
+from shared.preprocessing import Box, ImageError, check_file, load_rgb, oriented_size, tile_grid
 
 MANIFEST = "tiles.csv"
 
@@ -48,7 +48,7 @@ def export(photos, out, size, sample, seed, no_recursive):
     found = discover(list(photos), recursive=not no_recursive)
     if not found.paths:
         raise click.ClickException("no images found in " + " ".join(photos))
-    grid, failed = plan(found.paths, size, settings.max_pixels)
+    grid, failed = plan(found.paths, size, settings.max_pixels, settings.max_file_bytes)
     chosen = choose(grid, sample, seed)
     written = write_tiles(chosen, Path(out), settings.max_pixels, settings.max_file_bytes, failed)
     for path, reason in failed.items():
@@ -60,12 +60,14 @@ def export(photos, out, size, sample, seed, no_recursive):
                f"`crackq train {out} --init-model MODEL --out NEW_MODEL_DIR`")
 
 
-def plan(paths: list[str], size: int, max_pixels: int) -> tuple[list[tuple[str, Box]], dict[str, str]]:
+def plan(paths: list[str], size: int, max_pixels: int,
+         max_file_bytes: int) -> tuple[list[tuple[str, Box]], dict[str, str]]:
     """Every ``(photo, tile box)`` of ``paths`` (headers only, nothing decoded) and the unreadable photos."""
     grid: list[tuple[str, Box]] = []
     failed: dict[str, str] = {}
     for path in paths:
         try:
+            check_file(path, max_file_bytes)
             width, height = oriented_size(path, max_pixels)
         except ImageError as exc:
             failed[path] = str(exc)

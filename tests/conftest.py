@@ -115,3 +115,56 @@ def compose_config(compose_cli, tmp_path_factory) -> dict:
     assert rendered.returncode == 0, f"docker compose config failed:\n{rendered.stderr}"
     return json.loads(rendered.stdout)
 # ---- end of deployment fixtures ------------------------------------------------------------------
+
+
+# ---- drone imagery fixtures (owner: drone) -------------------------------------------------------
+import json  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+from tests.service import crackq_cli  # noqa: E402
+
+
+@dataclass
+class SurveyJob:
+    """A finished job over the survey folder of :func:`tests.imagery.write_survey`."""
+
+    folder: Path
+    expected: dict
+    job_id: str
+    env: dict
+    records: list
+
+    def photo(self, path) -> dict:
+        return next(r for r in self.records if r["path"] == str(path) and "tile" not in r)
+
+    def tiles(self, path) -> list:
+        return [r for r in self.records if r["path"] == str(path) and "tile" in r]
+
+
+@pytest.fixture(scope="session")
+def survey_job(concrete_dir, shipped_model, redis_server, tmp_path_factory) -> SurveyJob:
+    """One job through a real `crackq worker` (shipped model): large photos (tiled), small held-out
+    patches and unfamiliar images, submitted as one folder with ``--per-tile``.
+
+    The worker's pixel limit is 3 MP, so ``huge.jpg`` (3.2 MP) must come back as an error record.
+    The worker is stopped once the results are read; Redis keeps the job for the other tests.
+    """
+    from tests.imagery import write_survey
+
+    folder = tmp_path_factory.mktemp("survey")
+    expected = write_survey(folder, concrete_dir)
+    queue = f"test-survey-{uuid.uuid4().hex[:8]}"
+    env = {"CRACKQ_REDIS_URL": redis_server.url, "CRACKQ_QUEUE": queue}
+    worker = WorkerProcess(redis_server.url, queue, folder.parent / "survey-worker.log", model=shipped_model,
+                           data_roots=[str(folder), str(concrete_dir)], env={"CRACKQ_MAX_PIXELS": "3000000"})
+    out = folder.parent / "survey.jsonl"
+    try:
+        worker.start().wait_ready()
+        job_id = crackq_cli("submit", str(folder), "--per-tile", "--chunk-size", "16", env=env).stdout.strip()
+        crackq_cli("wait", job_id, "--timeout", "300", env=env)
+        crackq_cli("results", job_id, "--per-tile", "--format", "jsonl", "--output", str(out), env=env)
+    finally:
+        worker.stop()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    return SurveyJob(folder, expected, job_id, env, records)
+# ---- end of drone imagery fixtures ---------------------------------------------------------------

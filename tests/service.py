@@ -201,3 +201,15 @@ def start_command(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen
     finally:
         log.close()
 # ---- end of deployment helpers -------------------------------------------------------------------
+
+
+# ---- drone imagery helpers (owner: drone) --------------------------------------------------------
+def crackq_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600,
+               cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run ``crackq ARGS`` as a user would (a subprocess of this venv); fail with its stderr when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(cwd), env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"crackq {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+# ---- end of drone imagery helpers ----------------------------------------------------------------

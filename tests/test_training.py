@@ -140,7 +140,9 @@ def test_short_run_writes_every_output(small_run):
     for name in ("crackq_mobilenetv2.keras", "crackq_mobilenetv2.onnx", "model_card.json", "split.json",
                  "plots/training_curves.png", "plots/confusion_matrix.png", "plots/test_predictions.png"):
         assert (out / name).stat().st_size > 0, name
-    assert not list(out.rglob("*.npz"))  # features are cached outside the output folder
+    # Features are cached outside the output folder; the only array file is the in-domain description.
+    assert [p.name for p in out.rglob("*.npz")] == ["domain.npz"]
+    assert card["domain"]["threshold"] > 0 and card["files"]["domain"] == "domain.npz"
     assert card["name"] == "crackq-mobilenetv2" and card["version"] == "1"
     assert card["classes"] == ["Negative", "Positive"]
     assert card["backbone"]["weights"]["sha256"] == (

@@ -56,7 +56,7 @@ def fit_domain(model_path: str | os.PathLike, data_dir: str | os.PathLike, split
                     MIN_TRAIN, MIN_VAL)
         _forget(out)
         return None
-    classifier = _classifier(model_path, batch_size)
+    classifier = onnx_classifier(model_path, batch_size)
     train = features_of(classifier, data_dir, train_files, "domain: train features")
     val = features_of(classifier, data_dir, split.files["val"], "domain: validation features")
     test = features_of(classifier, data_dir, split.files["test"], "domain: test features")
@@ -161,7 +161,7 @@ def balanced_sample(files: list[str], n: int, seed: int) -> list[str]:
     return sorted(chosen)
 
 
-def _classifier(model_path, batch_size: int):
+def onnx_classifier(model_path, batch_size: int):
     """The worker's ONNX classifier for ``model_path`` (features exactly as served)."""
     from shared.config import Settings
     from worker.inference import load_classifier

@@ -95,7 +95,11 @@ def train(cfg: TrainConfig) -> dict:
     card = card_lib.build(cfg, split, backbone, history, extraction, metrics, train_seconds, onnx_diff,
                           model_lib.weights_fingerprint(model_lib.backbone_layers(shipped)))
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return card
+    # The in-domain check describes this model's features, so it is refitted with every model.
+    from training.domain_fit import fit_domain
+
+    fit_domain(out / MODEL_FILE, cfg.data_dir, out / SPLIT_FILE, out)
+    return json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
 
 
 def _initial_model(cfg: TrainConfig, classes):
