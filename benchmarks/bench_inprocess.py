@@ -114,6 +114,19 @@ class CeilingPool:
     def run_model(self) -> float:
         return self._all([("model", None) for _ in self.conns])
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the ceiling processes."""
+        import psutil
+
+        total = 0.0
+        for proc in self.procs:
+            try:
+                t = psutil.Process(proc.pid).cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
     def close(self) -> None:
         for conn in self.conns:
             try:

@@ -17,8 +17,8 @@ from producer.discover import discover
 from shared.config import ENV_PREFIX, Settings
 
 #: The labelled data set beside the repository (never copied into it).
-DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,
-                              "shared", "data", "concrete")
+DEFAULT_FOLDER = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                                              "shared", "data", "concrete"))
 
 
 def sample_images(folder: str, n: int, seed: int = 0) -> list[str]:

@@ -32,9 +32,11 @@ import json
 import os
 import statistics
 import sys
-import time
+
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter would bury the table
 
 from bench_inprocess import CeilingPool, NaiveLoop  # noqa: E402
 from bench_service import EmbeddedService  # noqa: E402
@@ -44,7 +46,7 @@ from producer.embedded import data_roots_for  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.contract import make_items  # noqa: E402
 
-TARGETS = {"d/b": 0.90, "d/a": 20.0, "scaling": 1.8, "latency_ms": 250.0}
+TARGETS = {"d/b": 0.90, "d/a": 20.0, "scaling": 1.8, "scaling_pinned": 1.8, "latency_ms": 250.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,12 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Worker processes for (b) and (d) (default: as `crackq run`).")
     p.add_argument("--threads", type=int, default=None,
                    help="Inference threads per process (default: as `crackq worker`, cores / processes).")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--chunk-size", type=int, default=None)
-    p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="Images per forward pass (default: setting).")
+    p.add_argument("--chunk-size", type=int, default=None, help="Images per queued chunk (default: setting).")
+    p.add_argument("--decode-threads", type=int, default=None, help="Decode threads per process (default: setting).")
     p.add_argument("--latency-n", type=int, default=9, help="Single-image jobs for the latency median.")
     p.add_argument("--scaling", action="store_true",
-                   help="Also run the service with 1 and with 2 worker processes, 1 inference thread each.")
+                   help="Also run the service with 1 and with 2 worker processes, 1 inference thread each: "
+                        "as started by `crackq run`, and pinned to one core per process.")
     p.add_argument("--skip-naive", action="store_true", help="Leave out (a) (tuning runs).")
     p.add_argument("--json", action="store_true", help="Print the results as JSON on stdout (table on stderr).")
     return p.parse_args(argv)
@@ -78,10 +81,8 @@ def say(*parts) -> None:
 
 def default_workers(settings: Settings) -> int:
     """``crackq run``'s own default, so `make bench` measures what users get."""
-    try:
-        from producer.runner import default_local_workers
-    except ImportError:
-        return 1
+    from producer.runner import default_local_workers
+
     return default_local_workers(settings)
 
 
@@ -91,19 +92,19 @@ def median_rate(n: int, seconds: list[float]) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be at least 1")
+    if args.repeats < 1 or args.latency_n < 1:
+        raise SystemExit("--repeats and --latency-n must be at least 1")
     settings = Settings.load(backend=args.backend, model=args.model, batch_size=args.batch_size,
                              chunk_size=args.chunk_size, decode_threads=args.decode_threads)
     config = WorkerConfig.resolve(settings, args.workers or default_workers(settings), args.threads)
-    paths = sample_images(os.path.abspath(args.folder), args.n, args.seed)
+    folder = os.path.normpath(os.path.abspath(args.folder))
+    paths = sample_images(folder, args.n, args.seed)
     naive_paths = paths[:min(args.naive_n, len(paths))]
     roots = data_roots_for(paths)
     chunks = plan_chunks(make_items(paths), config.chunk_size)
-    report = {"images": len(paths), "folder": os.path.abspath(args.folder), "seed": args.seed,
-              "naive_images": 0 if args.skip_naive else len(naive_paths), "repeats": args.repeats,
+    report = {"images": len(paths), "folder": folder, "seed": args.seed, "repeats": args.repeats,
               "config": config.to_dict(), "machine": machine(), "load_before": load_average()}
-    say(f"{len(paths)} images from {args.folder}; {config.label()}; load {report['load_before']}")
+    say(f"{len(paths)} images from {folder}; {config.label()}; load {report['load_before']}")
 
     services: dict[str, EmbeddedService] = {}
     ceiling = naive = None
@@ -112,21 +113,30 @@ def main(argv=None) -> dict:
         from worker.inference import ModelInfo
 
         size = ModelInfo.from_model_path(config.model).input_size
-        naive = None if args.skip_naive else NaiveLoop(config.model, size)
+        naive = None if args.skip_naive else _naive_loop(config.model, size)
         ceiling = CeilingPool(config, roots)
         ceiling.predecode(paths)
         services["d"] = _start_service(config, roots, paths)
+        aliases: dict[str, str] = {}  # a scaling configuration that is the main one is measured once
         if args.scaling:
-            for name, procs in (("scale1", 1), ("scale2", 2)):
-                services[name] = _start_service(
-                    WorkerConfig(**{**config.to_dict(), "processes": procs, "threads": 1}), roots, paths)
-        seconds = _measure(args, naive, naive_paths, ceiling, chunks, services, paths)
+            for name, procs, pin in (("scale1", 1, False), ("scale2", 2, False), ("pinned1", 1, True),
+                                     ("pinned2", 2, True)):
+                scaled = WorkerConfig(**{**config.to_dict(), "processes": procs, "threads": 1})
+                if scaled == config and not pin:
+                    aliases[name] = "d"
+                else:
+                    services[name] = _start_service(scaled, roots, paths, "pinned" if pin else "pool")
+        seconds, cpu = _measure(args, naive, naive_paths, ceiling, chunks, services, paths)
         latencies = [services["d"].latency(p) for p in paths[:args.latency_n]]
     finally:
         rss = {name: service.close() for name, service in services.items()}
         if ceiling:
             ceiling.close()
+    for name, same in aliases.items():
+        seconds[name], cpu[name], services[name] = seconds[same], cpu[same], services[same]
+    report["naive_images"] = len(naive_paths) if naive else 0
     report.update(_results(args, report, seconds, latencies, services, rss, paths, naive_paths))
+    report["cpu_ms_per_image"] = {k: round(statistics.median(v), 2) for k, v in cpu.items() if v}
     report["load_after"] = load_average()
     table = format_table(report)
     say(table)
@@ -135,27 +145,50 @@ def main(argv=None) -> dict:
     return report
 
 
-def _start_service(config: WorkerConfig, roots: list[str], paths: list[str]) -> EmbeddedService:
-    service = EmbeddedService(config, roots).start()
-    say(f"  service {config.processes}x{config.threads} ready after {service.startup_seconds:.1f}s")
+def _naive_loop(model: str, size: int) -> NaiveLoop | None:
+    """(a) needs TensorFlow/Keras, which a serving-only install (ONNX Runtime) does not have."""
+    try:
+        return NaiveLoop(model, size)
+    except ImportError as exc:
+        say(f"  (a) left out: {exc} (install the `cpu` extra for TensorFlow)")
+        return None
+
+
+def _start_service(config: WorkerConfig, roots: list[str], paths: list[str], layout: str = "pool"
+                   ) -> EmbeddedService:
+    service = EmbeddedService(config, roots, layout=layout).start()
+    say(f"  service {config.processes}x{config.threads} ({layout}) ready after {service.startup_seconds:.1f}s")
     service.run_job(paths[:max(config.batch_size, 2 * config.processes * config.chunk_size)])  # warm-up
     return service
 
 
-def _measure(args, naive, naive_paths, ceiling, chunks, services, paths) -> dict[str, list[float]]:
-    """Every measurement once per round, rounds repeated: noise from other load hits all alike."""
+def _measure(args, naive, naive_paths, ceiling, chunks, services, paths) -> tuple[dict, dict]:
+    """Every measurement once per round, rounds repeated: noise from other load hits all alike.
+
+    Besides wall seconds, the CPU seconds (user + system, all threads) of the
+    processes doing the work: CPU per image is the cost that limits throughput
+    (cores / CPU per image) and is much less disturbed by other load.
+    """
     seconds: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", *services)}
+    cpu: dict[str, list[float]] = {k: [] for k in seconds}
+    me = psutil.Process()
+
+    def timed(key: str, n: int, run, cpu_now) -> None:
+        before = cpu_now()
+        seconds[key].append(run())
+        cpu[key].append((cpu_now() - before) / n * 1000)
+
     for round_ in range(args.repeats):
         if naive:
-            seconds["a"].append(naive.run(naive_paths))
-        seconds["b"].append(ceiling.run_chunks(chunks))
-        seconds["c"].append(ceiling.run_model())
+            timed("a", len(naive_paths), lambda: naive.run(naive_paths), lambda: sum(me.cpu_times()[:2]))
+        timed("b", len(paths), lambda: ceiling.run_chunks(chunks), ceiling.cpu_seconds)
+        timed("c", len(paths), ceiling.run_model, ceiling.cpu_seconds)
         for name, service in services.items():
-            seconds[name].append(service.run_job(paths)[0])
+            timed(name, len(paths), lambda: service.run_job(paths)[0], service.cpu_seconds)
         say(f"  round {round_ + 1}/{args.repeats}: " + ", ".join(
             f"{k} {(len(naive_paths) if k == 'a' else len(paths)) / v[-1]:.1f}" for k, v in seconds.items() if v)
             + " img/s")
-    return seconds
+    return seconds, cpu
 
 
 def _results(args, report, seconds, latencies, services, rss, paths, naive_paths) -> dict:
@@ -176,6 +209,7 @@ def _results(args, report, seconds, latencies, services, rss, paths, naive_paths
         out["ratios"]["d/a"] = rates["d"] / rates["a"]
     if "scale1" in rates:
         out["ratios"]["scaling"] = rates["scale2"] / rates["scale1"]
+        out["ratios"]["scaling_pinned"] = rates["pinned2"] / rates["pinned1"]
     out["ratios"] = {k: round(v, 3) for k, v in out["ratios"].items()}
     out["targets"] = {k: {"target": t, "measured": _measured(out, k), "met": _met(out, k, t)}
                       for k, t in TARGETS.items() if _measured(out, k) is not None}
@@ -192,7 +226,12 @@ def _met(out: dict, key: str, target: float) -> bool:
 
 
 def format_table(r: dict) -> str:
-    rate, m, cfg = r["img_per_s"], r["machine"], r["config"]
+    rate, cpu, m, cfg = r["img_per_s"], r.get("cpu_ms_per_image", {}), r["machine"], r["config"]
+
+    def row(label: str, value: float, key: str | None = None) -> str:
+        per_image = f"{cpu[key]:>10.2f}" if key in cpu else " " * 10
+        return f"{label:<64}{value:>9.1f}{per_image}"
+
     lines = [
         f"crackq throughput: {r['images']} images from {r['folder']} (seed {r['seed']}), "
         f"median of {r['repeats']} round(s)",
@@ -202,31 +241,33 @@ def format_table(r: dict) -> str:
         f"batch {cfg['batch_size']}, chunk {cfg['chunk_size']}, decode threads {cfg['decode_threads']}, "
         f"backend {cfg['backend']}, model {os.path.basename(cfg['model'])}",
         "",
-        f"{'measurement':<62}{'img/s':>9}",
+        f"{'measurement':<64}{'img/s':>9}{'CPU ms/img':>11}",
     ]
     if "a" in rate:
-        lines.append(f"{'(a) naive: decode + Keras model.predict per image (' + str(r['naive_images']) + ' images)':<62}"
-                     f"{rate['a']:>9.1f}")
+        lines.append(row(f"(a) naive: decode + Keras model.predict per image ({r['naive_images']} images)",
+                         rate["a"], "a"))
     lines += [
-        f"{'(b) in-process ceiling: worker decode + batched inference':<62}{rate['b']:>9.1f}",
-        f"{'(c) model only, pre-decoded batches':<62}{rate['c']:>9.1f}",
-        f"{'(d) service: submit -> last result (warm workers)':<62}{rate['d']:>9.1f}",
-        f"{'    same, including start-up (' + format(r['startup_seconds']['d'], '.1f') + ' s: Redis + workers)':<62}"
-        f"{r['service_incl_startup_img_per_s']:>9.1f}",
+        row("(b) in-process ceiling: worker decode + batched inference", rate["b"], "b"),
+        row("(c) model only, pre-decoded batches", rate["c"], "c"),
+        row("(d) service: submit -> last result (warm workers)", rate["d"], "d"),
+        row(f"    same, including start-up ({r['startup_seconds']['d']:.1f} s: Redis + workers)",
+            r["service_incl_startup_img_per_s"]),
     ]
     if "scale1" in rate:
-        lines += [f"{'(d) 1 worker process x 1 thread':<62}{rate['scale1']:>9.1f}",
-                  f"{'(d) 2 worker processes x 1 thread':<62}{rate['scale2']:>9.1f}"]
+        lines += [row("(d) 1 worker process x 1 inference thread", rate["scale1"], "scale1"),
+                  row("(d) 2 worker processes x 1 inference thread", rate["scale2"], "scale2"),
+                  row("(d) 1 worker process pinned to 1 core", rate["pinned1"], "pinned1"),
+                  row("(d) 2 worker processes pinned to 1 core each", rate["pinned2"], "pinned2")]
     lines += ["", "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()),
               f"single-image latency (warm): median {r['latency_ms']['median']:.0f} ms "
               f"(of {len(r['latency_ms']['all'])})",
-              "peak RSS per worker process (MiB): " + "; ".join(
-                  f"{k}: pool {v.get('pool_processes_mib')}, main {v.get('main_process_mib')}"
+              "peak RSS (MiB): " + "; ".join(
+                  f"{k}: pool process(es) {v.get('pool_processes_mib')}, main {v.get('main_process_mib')}"
                   for k, v in r["rss_mib"].items()),
               "", "targets:"]
     for key, t in r["targets"].items():
         op = "<" if key == "latency_ms" else ">="
-        lines.append(f"  {key:<11} {t['measured']:>8} {op} {t['target']:<6} {'met' if t['met'] else 'MISSED'}")
+        lines.append(f"  {key:<15} {t['measured']:>8} {op} {t['target']:<6} {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
 
 

@@ -222,7 +222,7 @@ def cancel(job, redis_url):
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Results file (CSV by default).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Format of --out.")
 @click.option("--workers", type=int, default=None,
-              help="Local worker processes (default 1; without CRACKQ_REDIS_URL only).")
+              help="Local worker processes (default: one per CPU core; without CRACKQ_REDIS_URL only).")
 @click.option("--chunk-size", type=int, default=None, help="Images per task.")
 @click.option("--no-recursive", is_flag=True, help="Do not search folders recursively.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")

@@ -30,7 +30,7 @@ def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv"
         stack.enter_context(_sigterm_as_interrupt())
         if not settings.redis_url:
             settings = settings.replace(redis_url=stack.enter_context(private_redis()))
-            workers = workers or 1
+            workers = workers or default_local_workers(settings)
         client = Client(settings)
         if workers:
             log = os.path.join(tempfile.gettempdir(), f"crackq-run-workers-{os.getpid()}.log")
@@ -49,6 +49,11 @@ def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv"
 
             write_overlays(records, overlays, threshold=options.threshold)
         return _summary(job_id, status.state, photos, seconds, out)
+
+
+def default_local_workers(settings: Settings) -> int:
+    """Local worker processes by default: one per core on CPU, as ``crackq worker`` (docs/performance.md)."""
+    return 1 if settings.device == "gpu" else max(1, os.cpu_count() or 1)
 
 
 def _write_file(out: str, fmt: str, records: list[dict], per_tile: bool) -> None:

@@ -47,7 +47,8 @@ class Settings:
     device: str = field(default="cpu", metadata={"help": "cpu or gpu (GPU: one worker process per GPU)."})
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "MobileNetV2 backbone weights for training: 'imagenet' (downloaded by Keras) or a .h5 path."})
-    batch_size: int = field(default=32, metadata={"help": "Images per forward pass in a worker."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Images (or tiles) per forward pass in a worker (`crackq worker --device gpu`: 128)."})
     chunk_size: int = field(default=64, metadata={"help": "Images per queued task (chunk)."})
     result_ttl: int = field(default=7 * 24 * 3600, metadata={
         "help": "Seconds that a job and its results live in Redis after their last update."})

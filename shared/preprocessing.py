@@ -9,6 +9,7 @@ the EXIF orientation handling and the RGB conversion can never drift apart.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -249,7 +250,13 @@ def is_under_roots(path: str, roots: tuple[str, ...]) -> bool:
     """True when ``path``, with every symlink resolved, lies inside one of ``roots``."""
     real = os.path.realpath(path)
     for root in roots:
-        root_real = os.path.realpath(root)
+        root_real = _real_root(root)
         if real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _real_root(root: str) -> str:
+    # Roots are few and fixed per worker: resolve each once, not for every image.
+    return os.path.realpath(root)

@@ -41,7 +41,9 @@ def plan(settings: Settings, concurrency: int | None, gpus: int) -> tuple[int, d
         concurrency = concurrency or max(1, gpus)
         env["CRACKQ_GPU_COUNT"] = str(gpus)
     else:
-        concurrency = concurrency or 1
+        # One process per core with one inference thread each: the most images per CPU second (no
+        # intra-op synchronisation) and linear scaling; measured in docs/performance.md.
+        concurrency = concurrency or max(1, os.cpu_count() or 1)
         if not settings.threads:
             env[ENV_PREFIX + "THREADS"] = str(max(1, (os.cpu_count() or 1) // concurrency))
     return concurrency, env
@@ -70,7 +72,7 @@ def check_model(settings: Settings) -> None:
 
 @click.command()
 @click.option("--concurrency", "-c", type=int, default=None,
-              help="Worker processes (default: 1 on CPU, one per GPU).")
+              help="Worker processes (default: one per CPU core, one per GPU).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None, help="Run inference on CPU or GPU.")
 @click.option("--backend", type=click.Choice(["onnx", "tf"]), default=None,
               help="Inference backend (default onnx on CPU, tf on GPU).")

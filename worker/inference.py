@@ -1,11 +1,13 @@
-"""The model a worker process holds: loaded once, warmed up, run on fixed-shape batches.
+"""The model a worker process holds: loaded once, warmed up, run in batches.
 
 Two interchangeable backends produce the same two outputs (crack probability
 and the pooled backbone features used by the in-domain check):
 
 * ``onnx``: ONNX Runtime on the ``.onnx`` export that ships beside the
-  ``.keras`` model.  About 2.5× faster than TensorFlow on CPU, and a worker
-  that uses it never imports TensorFlow.
+  ``.keras`` model.  The CPU default: measured on 2 cores, the model alone
+  runs 1.6× faster than TensorFlow and the service 1.4×, at a quarter of the
+  memory per process (docs/performance.md); a worker that uses it never
+  imports TensorFlow.
 * ``tf``: TensorFlow on the ``.keras`` model, through one ``tf.function``
   with a fixed input signature (so it is traced once).  On a GPU worker this is
   the path that uses the GPU (memory growth on).
@@ -120,6 +122,9 @@ def _onnx_forward(settings: Settings, info: ModelInfo):
     options.intra_op_num_threads = settings.threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle inference threads sleep instead of busy-waiting: they share the cores with the decode threads
+    # (and with other worker processes), which a spinning thread would starve (docs/performance.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if settings.device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -137,17 +142,29 @@ def _onnx_forward(settings: Settings, info: ModelInfo):
 
 
 def configure_tensorflow(settings: Settings):
-    """Import TensorFlow with the worker's thread and GPU settings (call once per process)."""
+    """Import TensorFlow with the worker's thread and GPU settings.
+
+    TensorFlow accepts these only before its runtime starts.  In a worker
+    process this is the first thing that touches TensorFlow; in a process
+    that already ran TensorFlow (tests, a notebook, the benchmark) the
+    runtime keeps its settings and a warning says so, instead of failing.
+    """
     import tensorflow as tf
 
+    def apply(what: str, change) -> None:
+        try:
+            change()
+        except RuntimeError as exc:
+            log.warning("TensorFlow already initialised in this process; %s unchanged (%s)", what, exc)
+
     if settings.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+        apply("intra-op threads", lambda: tf.config.threading.set_intra_op_parallelism_threads(settings.threads))
+        apply("inter-op threads", lambda: tf.config.threading.set_inter_op_parallelism_threads(1))
     for gpu in tf.config.list_physical_devices("GPU"):
         # Several processes (or a process and a training job) can share a GPU only with growth on.
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if settings.device == "cpu":
-        tf.config.set_visible_devices([], "GPU")
+        apply("GPU memory growth", lambda gpu=gpu: tf.config.experimental.set_memory_growth(gpu, True))
+    if settings.device == "cpu" and tf.config.list_physical_devices("GPU"):
+        apply("visible GPUs", lambda: tf.config.set_visible_devices([], "GPU"))
     return tf
 
 
