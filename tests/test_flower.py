@@ -60,7 +60,8 @@ def test_flower_lists_the_worker_and_serves_its_metrics(compose_config, start_wo
         succeeded = (f'flower_events_total{{task="crackq.classify_chunk",type="task-succeeded",'
                      f'worker="{node}"}} 2.0')
         wait_until(lambda: succeeded in http_get(f"{base}/metrics")[1], 30, message="Flower's metrics")
-        assert f'flower_worker_online{{worker="{node}"}} 1.0' in http_get(f"{base}/metrics")[1]
+        online = f'flower_worker_online{{worker="{node}"}} 1.0'  # set from the worker's heartbeats
+        wait_until(lambda: online in http_get(f"{base}/metrics")[1], 30, message="Flower's worker-online gauge")
 
         test = [a.replace("127.0.0.1:5555", f"127.0.0.1:{port}") for a in service["healthcheck"]["test"][1:]]
         assert subprocess.run(test, env=env, capture_output=True, timeout=30).returncode == 0
