@@ -131,8 +131,14 @@ def local_workers(redis_url: str, concurrency: int, data_roots: list[str], env: 
 
 
 def data_roots_for(paths: list[str]) -> list[str]:
-    """The folders holding ``paths`` (deduplicated): workers of ``crackq run`` may read only there."""
-    folders = sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
+    """The folders holding ``paths`` (deduplicated): workers of ``crackq run`` may read only there.
+
+    A path that is a symlink also allows its target's folder: the user named the
+    file, and the local workers run as that same user.  Any other file in those
+    folders' surroundings stays out of reach.
+    """
+    folders = sorted({os.path.dirname(os.path.abspath(p)) for p in paths} |
+                     {os.path.dirname(os.path.realpath(p)) for p in paths if os.path.islink(p)})
     roots: list[str] = []
     for folder in folders:
         if not any(folder == r or folder.startswith(r.rstrip(os.sep) + os.sep) for r in roots):

@@ -125,3 +125,16 @@ def test_job_ends_failed_when_a_chunk_exhausted_its_retries(redis_server):
     assert store.status(job).state == "running"
     store.write_results(job, {1: result_record("/b", error="chunk failed after 3 retries: ConnectionError")})
     assert store.status(job).state == "failed"
+
+
+def test_crackq_run_reads_only_the_folders_of_the_images_it_was_given(tmp_path):
+    from producer.embedded import data_roots_for
+
+    (tmp_path / "survey" / "day2").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "linked.jpg"
+    target.write_bytes(b"x")
+    link = tmp_path / "survey" / "day2" / "link.jpg"
+    link.symlink_to(target)
+    roots = data_roots_for([str(tmp_path / "survey" / "a.jpg"), str(link)])
+    assert roots == sorted([str(tmp_path / "elsewhere"), str(tmp_path / "survey")])
