@@ -65,7 +65,7 @@ class ModelInfo:
 
 
 class Classifier:
-    """Loaded model + fixed-batch forward function. Build it with :func:`load_classifier`."""
+    """Loaded model + batched forward function. Build it with :func:`load_classifier`."""
 
     def __init__(self, info: ModelInfo, batch_size: int, forward, fixed_shape: bool = True):
         self.info = info

@@ -32,9 +32,7 @@ def load(settings: Settings | None = None):
     with _lock:
         if "runner" not in _state or _state.get("pid") != os.getpid():
             settings = settings or Settings.load()
-            from shared.connections import connect
             from shared.domain import DomainScorer
-            from shared.store import JobStore
             from worker import metrics
             from worker.inference import load_classifier
             from worker.pipeline import ChunkRunner
@@ -42,13 +40,30 @@ def load(settings: Settings | None = None):
             classifier = load_classifier(settings)
             domain = DomainScorer.load(classifier.info.directory)
             _state["runner"] = ChunkRunner(classifier, settings, worker_name(), domain)
-            _state["store"] = JobStore(connect(settings.effective_redis_url, check=False,
-                                                retry_seconds=settings.redis_retry_seconds), settings.result_ttl)
             _state["settings"] = settings
             _state["pid"] = os.getpid()
             metrics.start(settings)
             log.info("worker process %s ready (model %s)", worker_name(), classifier.info.name)
-        return _state["runner"], _state["store"]
+        return _state["runner"], store(settings)
+
+
+def store(settings: Settings | None = None):
+    """The process's :class:`shared.store.JobStore`, without the model.
+
+    ``on_failure`` also runs in the pool's parent (after a hard time limit),
+    where loading a model would break the children forked later: it needs
+    only this.
+    """
+    cached = _state.get("store")
+    if cached is None or cached[0] != os.getpid():
+        from shared.connections import connect
+        from shared.store import JobStore
+
+        settings = settings or Settings.load()
+        client = connect(settings.effective_redis_url, check=False, retry_seconds=settings.redis_retry_seconds)
+        _state["store"] = (os.getpid(), JobStore(client, settings.result_ttl))
+        cached = _state["store"]
+    return cached[1]
 
 
 def pin_gpu(process_index: int, gpu_count: int) -> str | None:

@@ -17,9 +17,8 @@ import redis
 from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
-from shared.connections import connect
 from shared.contract import TASK_NAME, ChunkOptions, error_record
-from shared.store import JOB_CANCELLED, JOB_MISSING, JobStore
+from shared.store import JOB_CANCELLED, JOB_MISSING
 from worker import metrics, state
 from worker.app import app, settings
 
@@ -55,7 +54,7 @@ class ChunkTask(Task):
         log.error("job %s chunk %s failed: %s", job_id, task_id, reason)
         metrics.observe_failure()
         try:
-            store = _store()
+            store = state.store()
             written = store.client.hmget(f"crackq:job:{job_id}:results", [str(i["index"]) for i in items])
             missing = {i["index"]: error_record(i["path"], reason, worker=state.worker_name())
                        for i, have in zip(items, written) if have is None}
@@ -83,15 +82,6 @@ def classify_chunk(self, job_id: str, items: list[dict], options: dict | None = 
     if done in (JOB_MISSING, JOB_CANCELLED):
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
     return {"job_id": job_id, "done": len(output.records), "errors": errors}
-
-
-def _store() -> JobStore:
-    """The job store without the model: ``on_failure`` also runs in the pool's parent (hard time
-    limit), where loading a model would break the pool children it forks later."""
-    if "store" not in state._state:
-        client = connect(settings.effective_redis_url, check=False, retry_seconds=settings.redis_retry_seconds)
-        state._state["store"] = JobStore(client, settings.result_ttl)
-    return state._state["store"]
 
 
 def _job_and_items(args, kwargs) -> tuple[str, list[dict]]:
