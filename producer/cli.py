@@ -20,6 +20,7 @@ COMMANDS = {
     "cancel": "producer.commands:cancel",
     "run": "producer.commands:run",
     "settings": "producer.commands:settings",
+    "dead-letters": "producer.commands:dead_letters",
     "samples": "producer.samples:samples",
     "worker": "worker.cli:worker",
     "train": "training.cli:train",

@@ -70,6 +70,14 @@ class Settings:
     task_time_limit: int = field(default=1800, metadata={
         "help": "Hard time limit of one chunk (s); the soft limit is 90% of it. Must be < visibility_timeout."})
     max_retries: int = field(default=3, metadata={"help": "Retries of a chunk after a transient error."})
+    lease_seconds: int = field(default=30, metadata={
+        "help": "Lifetime of a chunk's lease: a chunk delivered this long ago whose worker stopped renewing "
+                "its lease (every third of it) is put back on the queue by any live worker or `crackq wait`."})
+    max_deliveries: int = field(default=3, metadata={
+        "help": "Times a chunk may be started without finishing (its worker died each time) before its "
+                "images get error records instead of another run."})
+    max_tiles: int = field(default=4096, metadata={
+        "help": "Tiles per image above which the image is refused with an error record (bounds memory)."})
     redis_retry_seconds: float = field(default=20.0, metadata={
         "help": "Seconds a Redis command keeps retrying a lost connection (Redis restarting) before it fails; "
                 "a chunk that still fails is retried by Celery with backoff (CRACKQ_MAX_RETRIES)."})
@@ -107,8 +115,13 @@ class Settings:
             raise ValueError("threshold must be between 0 and 1")
         if self.task_time_limit >= self.visibility_timeout:
             raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
-        if self.tile_size and self.tile_overlap >= self.tile_size:
-            raise ValueError("tile_overlap must be smaller than tile_size")
+        from shared.contract import check_tiling
+
+        check_tiling(self.tile_size, self.tile_overlap)
+        if self.max_tiles < 1 or self.max_deliveries < 1:
+            raise ValueError("max_tiles and max_deliveries must be at least 1")
+        if not 3 <= self.lease_seconds < self.visibility_timeout:
+            raise ValueError("lease_seconds must be at least 3 and below visibility_timeout")
         return self
 
     @property

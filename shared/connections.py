@@ -88,6 +88,22 @@ def ride_over_retry(seconds: float) -> Retry:
     return Retry(backoff, retries, supported_errors=(redis.ConnectionError,))
 
 
+class RedisBusy(redis.ConnectionError):
+    """Redis refused a write for a while: out of memory (``maxmemory``), a read-only replica after a
+    failover (``READONLY``), or a failed snapshot (``MISCONF``).  Transient: retry with backoff."""
+
+
+#: Replies of a Redis that will take the write again once an operator or a failover fixed it.
+_BUSY_PREFIXES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "TRYAGAIN")
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True for the Redis errors that mean "not now" rather than "never" (see :class:`RedisBusy`)."""
+    if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_BUSY_PREFIXES)
+
+
 def ping(client: redis.Redis, url: str) -> None:
     try:
         client.ping()

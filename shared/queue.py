@@ -29,6 +29,8 @@ def celery_config(settings: Settings) -> dict:
     }
     config = {
         "broker_url": strip_ssl_query(url),
+        # kombu's Redis transport, except that no queue entry can stop a worker (shared/transport.py).
+        "broker_transport": "shared.transport:Transport",
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         # Security: JSON only. A pickled message is refused, never executed.

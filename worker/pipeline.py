@@ -27,13 +27,22 @@ from PIL import Image
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (ImageError, PreparedImage, check_file, is_under_roots, needs_tiling,
-                                  oriented_size, prepare_image, tile_grid)
+from shared.preprocessing import (ImageError, PreparedImage, needs_tiling, open_checked, oriented_size,
+                                  prepare_image, tile_count)
 
 log = logging.getLogger(__name__)
 
 #: Files this small are counted as one model input without reading their header (a 227 px JPEG is ~20 KB).
 SMALL_FILE = 64 * 1024
+
+
+@dataclass
+class _Opened:
+    """An item's file, opened once and checked against the data roots (or why it could not be)."""
+
+    item: dict
+    handle: object = None
+    error: str = ""
 
 
 @dataclass
@@ -108,11 +117,12 @@ class ChunkRunner:
                     item = next(queue, None)
                     if item is None:
                         return
-                    upcoming[0] = (item, self._expected_inputs(item, options))
-                item, cost = upcoming[0]
+                    opened = self._open(item)
+                    upcoming[0] = (opened, self._expected_inputs(opened, options))
+                opened, cost = upcoming[0]
                 if pending and sum(c for _, c in pending) + cost > input_cap:
                     return
-                pending.append((self.pool.submit(self._decode, item, options), cost))
+                pending.append((self.pool.submit(self._decode, opened, options), cost))
                 upcoming[0] = None
 
         while True:
@@ -123,43 +133,55 @@ class ChunkRunner:
             refill()  # the next big photo starts decoding while this one is in the model
             yield decoded
 
-    def _expected_inputs(self, item: dict, options: ChunkOptions) -> int:
-        """Model inputs ``item`` will give (its tile count, from the header only); 1 when unknown.
+    def _open(self, item: dict) -> _Opened:
+        """The item's file, opened once (:func:`open_checked`): every later read uses this handle."""
+        try:
+            return _Opened(item, open_checked(item["path"], self.roots, self.settings.max_file_bytes))
+        except ImageError as exc:
+            return _Opened(item, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad path must not take the chunk down
+            return _Opened(item, error=f"cannot open file: {type(exc).__name__}: {str(exc)[:120]}")
 
-        Files under :data:`SMALL_FILE` count 1 without opening them: patches are
+    def _expected_inputs(self, opened: _Opened, options: ChunkOptions) -> int:
+        """Model inputs the item will give (its tile count, from the header only); 1 when unknown.
+
+        Files under :data:`SMALL_FILE` count 1 without reading their header: patches are
         the common case and the header read would cost the inference thread ~0.2 ms each.
         """
-        path = item["path"]
+        if opened.handle is None or not options.tile_size:
+            return 1
         try:
-            if not options.tile_size or not is_under_roots(path, self.roots):
+            if os.fstat(opened.handle.fileno()).st_size <= SMALL_FILE:
                 return 1
-            if os.path.getsize(path) <= SMALL_FILE:
-                return 1
-            check_file(path, self.settings.max_file_bytes)
-            width, height = oriented_size(path, self.settings.max_pixels)
+            width, height = oriented_size(opened.handle, self.settings.max_pixels)
         except Exception:  # noqa: BLE001 - the decode reports what is wrong with the file
             return 1
         if not needs_tiling(width, height, options.tile_size):
             return 1
-        return len(tile_grid(width, height, options.tile_size, options.tile_overlap))
+        tiles = tile_count(width, height, options.tile_size, options.tile_overlap)
+        return 1 if tiles > self.settings.max_tiles else tiles  # refused by the decode, at no cost
 
-    def _decode(self, item: dict, options: ChunkOptions) -> _Decoded:
+    def _decode(self, opened: _Opened, options: ChunkOptions) -> _Decoded:
         start = time.perf_counter()
-        decoded = _Decoded(item)
-        path = item["path"]
+        decoded = _Decoded(opened.item)
+        handle = opened.handle
         try:
-            if not is_under_roots(path, self.roots):
-                raise ImageError("path outside the worker's data roots (CRACKQ_DATA_ROOTS)")
+            if handle is None:
+                raise ImageError(opened.error)
             decoded.prepared = prepare_image(
-                path, size=self.classifier.info.input_size, tile=options.tile_size, overlap=options.tile_overlap,
-                max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
-            decoded.meta = _metadata(path)
+                handle, size=self.classifier.info.input_size, tile=options.tile_size,
+                overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
+                max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles)
+            decoded.meta = _metadata(handle)
         except ImageError as exc:
             decoded.error = str(exc)
         except MemoryError:
             decoded.error = "out of memory while decoding"
         except Exception as exc:  # noqa: BLE001 - a bad file must not take the chunk down
             decoded.error = f"cannot decode image: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            if handle is not None:
+                handle.close()
         decoded.decode_ms = (time.perf_counter() - start) * 1000
         return decoded
 
@@ -241,9 +263,10 @@ def _domain_fields(scores: np.ndarray, familiar: np.ndarray) -> dict:
     return {"in_domain": share >= 0.5, "domain_score": round(float(np.median(scores)), 4)}
 
 
-def _metadata(path: str) -> dict:
+def _metadata(handle) -> dict:
     try:
-        with Image.open(path) as img:
+        handle.seek(0)
+        with Image.open(handle) as img:
             return photo_metadata(img)
     except Exception:  # noqa: BLE001 - metadata is optional
         return {}
