@@ -56,10 +56,15 @@ def write(records: Iterable[dict], out: IO[str], fmt: str, columns=RESULT_COLUMN
 
 def write_csv(records: Iterable[dict], out: IO[str], columns=RESULT_COLUMNS) -> int:
     writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    # Python's csv quotes a field holding "\n" (the line terminator) but not one holding a bare "\r",
+    # which readers then take for a line break: such rows are written with every field quoted.
+    quoted = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n",
+                            quoting=csv.QUOTE_ALL)
     writer.writeheader()
     n = 0
     for record in records:
-        writer.writerow({k: _cell(record.get(k)) for k in columns})
+        row = {k: _cell(record.get(k)) for k in columns}
+        (quoted if any(isinstance(v, str) and "\r" in v for v in row.values()) else writer).writerow(row)
         n += 1
     return n
 

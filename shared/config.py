@@ -120,8 +120,8 @@ class Settings:
         check_tiling(self.tile_size, self.tile_overlap)
         if self.max_tiles < 1 or self.max_deliveries < 1:
             raise ValueError("max_tiles and max_deliveries must be at least 1")
-        if not 3 <= self.lease_seconds < self.visibility_timeout:
-            raise ValueError("lease_seconds must be at least 3 and below visibility_timeout")
+        if self.lease_seconds < 3:
+            raise ValueError("lease_seconds must be at least 3 (renewed every third of it)")
         return self
 
     @property

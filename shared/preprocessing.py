@@ -61,9 +61,24 @@ _PEAK_WITH_TRANSPARENCY = 16  # a palette image with transparency is composited 
 _DEFAULT_PEAK = 8
 
 
+class _Borrowed:
+    """An opened file lent to Pillow, which closes what it is given: here ``close`` is a no-op,
+    because the caller (who opened and checked it once) still needs it for the next read."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def close(self) -> None:
+        pass
+
+
 def _rewind(source: Source) -> Source:
     if hasattr(source, "seek"):
         source.seek(0)
+        return source if isinstance(source, _Borrowed) else _Borrowed(source)
     return source
 
 

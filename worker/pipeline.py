@@ -266,7 +266,7 @@ def _domain_fields(scores: np.ndarray, familiar: np.ndarray) -> dict:
 def _metadata(handle) -> dict:
     try:
         handle.seek(0)
-        with Image.open(handle) as img:
+        with Image.open(handle) as img:  # (a file given to Pillow is not closed by the with)
             return photo_metadata(img)
     except Exception:  # noqa: BLE001 - metadata is optional
         return {}
