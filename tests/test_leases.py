@@ -15,6 +15,7 @@ import psutil
 
 from producer.api import Client
 from shared.config import Settings
+from shared.store import deliveries_key
 from tests.faults import in_flight, mixed_paths, task_events, waiting
 from tests.service import crackq_cli, wait_until
 
@@ -22,8 +23,8 @@ LEASE = {"CRACKQ_LEASE_SECONDS": "5"}
 CHUNK = 16
 
 
-def _client(url: str, queue: str) -> Client:
-    return Client(Settings.load(redis_url=url, queue=queue, chunk_size=CHUNK, lease_seconds=5))
+def _client(url: str, queue: str, lease_seconds: int = 5) -> Client:
+    return Client(Settings.load(redis_url=url, queue=queue, chunk_size=CHUNK, lease_seconds=lease_seconds))
 
 
 def _records(client: Client, job_id: str) -> list[dict]:
@@ -43,7 +44,8 @@ def test_a_worker_killed_whole_mid_job_is_replaced_by_the_survivor_long_before_t
     survivor = start_worker(env=LEASE, data_roots=roots, wait=False)
     victim.wait_ready()
     survivor.wait_ready()
-    client = _client(redis_server.url, queue_name)
+    # The test's own client waits with a long lease, so the recovery seen here is the surviving worker's.
+    client = _client(redis_server.url, queue_name, lease_seconds=600)
     assert client.settings.visibility_timeout >= 3600
     paths = mixed_paths(concrete_dir, 320, offset=7000)
 
@@ -66,7 +68,9 @@ def test_a_worker_killed_whole_mid_job_is_replaced_by_the_survivor_long_before_t
     for before, after in zip(undisturbed, disturbed):
         assert before["label"] == after["label"] and not after["error"]
         assert math.isclose(before["crack_probability"], after["crack_probability"], abs_tol=1e-5)
-    assert lost <= set(task_events(survivor.log(), "succeeded"))  # the lost chunk ran again, on the survivor
+    wait_until(lambda: lost <= set(task_events(survivor.log(), "succeeded")), 30, 0.1,
+               "the lost chunk to have run again, on the survivor")
+    assert "recovered 1 chunk(s) of queue" in survivor.log()
     r = redis_server.client()
     # The dead worker's entry left kombu's unacked hash: nothing comes back an hour from now.
     assert in_flight(r, queue_name) == 0 and waiting(r, queue_name) == 0
@@ -105,8 +109,9 @@ def test_a_chunk_that_keeps_killing_its_worker_gets_error_records_instead_of_loo
     client = Client.from_settings()
     paths = mixed_paths(concrete_dir, 400, offset=7600)  # one chunk: seconds of work, time to kill it
     job_id = client.submit(paths, chunk_size=len(paths))
-    for attempt in (1, 2):  # kill the pool process while it holds the chunk, twice
-        wait_until(lambda: len(task_events(worker.log(), "received")) >= attempt, 120, 0.01, "the chunk to start")
+    starts = deliveries_key(job_id)
+    for attempt in (1, 2):  # kill the pool process while it runs the chunk, twice
+        wait_until(lambda: sum(map(int, client.redis.hvals(starts))) >= attempt, 120, 0.01, "the chunk to start")
         children = psutil.Process(worker.proc.pid).children()
         children[0].send_signal(signal.SIGKILL)
         wait_until(lambda: worker.log().count("WorkerLostError") >= attempt, 60, 0.05, "the loss to be noticed")
