@@ -7,6 +7,7 @@ Celery/kombu options, and the TLS rules (``rediss://``) live only here.
 
 from __future__ import annotations
 
+import re
 import ssl
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -93,15 +94,16 @@ class RedisBusy(redis.ConnectionError):
     failover (``READONLY``), or a failed snapshot (``MISCONF``).  Transient: retry with backoff."""
 
 
-#: Replies of a Redis that will take the write again once an operator or a failover fixed it.
-_BUSY_PREFIXES = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "TRYAGAIN")
+#: Replies of a Redis that will take the write again once an operator or a failover fixed it; inside a
+#: Lua script they come wrapped ("Error running script ...: -OOM command not allowed ...").
+_BUSY_REPLY = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF|LOADING|MASTERDOWN|TRYAGAIN)\b")
 
 
 def is_busy(exc: BaseException) -> bool:
     """True for the Redis errors that mean "not now" rather than "never" (see :class:`RedisBusy`)."""
     if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).upper().startswith(_BUSY_PREFIXES)
+    return isinstance(exc, redis.ResponseError) and bool(_BUSY_REPLY.search(str(exc)))
 
 
 def ping(client: redis.Redis, url: str) -> None:
