@@ -258,8 +258,10 @@ def test_transient_write_failures_are_retried_and_exhausted_retries_fail_the_job
         ok = _finished_results(client, job_ok, recovers, timeout=120)
         assert {r["label"] for r in ok.values()} <= {"crack", "no_crack"}
 
-        bad = client.wait(job_bad, timeout=120)
+        states = []  # every state a poller sees: never `done` on the way to `failed` (one-step failure)
+        bad = client.wait(job_bad, timeout=120, on_progress=lambda st: states.append(st.state))
         assert bad.state == "failed" and bad.failed_chunks == 1 and bad.failed == bad.total == len(gives_up)
+        assert "done" not in states
         records = list(client.results(job_bad))
         assert [r["path"] for r in records] == gives_up
         assert all(r["error"].startswith("chunk failed after 2 retries: ConnectionError") for r in records)
