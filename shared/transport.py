@@ -23,7 +23,9 @@ Finer checks (only crackq's own tasks, arguments of the contract's shape)
 live in :mod:`worker.consumer`, which refuses such messages before they reach
 this last line of defence.
 
-Selected with Celery's ``broker_transport`` setting (:mod:`shared.queue`).
+Installed by :func:`register` (called by :func:`shared.queue.make_celery`) as
+the transport of ``redis://`` and ``rediss://`` URLs, kombu's own extension
+point (``TRANSPORT_ALIASES``), so URLs, logs and TLS handling stay kombu's.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import logging
 from typing import Callable
 
+import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
@@ -132,3 +135,16 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport (``redis://``, ``rediss://``, ``unix://``) with :class:`Channel`."""
 
     Channel = Channel
+
+
+#: URL schemes served by :class:`Transport`.
+SCHEMES = ("redis", "rediss")
+
+
+def register() -> None:
+    """Make :class:`Transport` the transport of ``redis://`` and ``rediss://`` URLs in this process."""
+    target = f"{__name__}:Transport"
+    for scheme in SCHEMES:
+        if kombu.transport.TRANSPORT_ALIASES.get(scheme) != target:
+            kombu.transport.TRANSPORT_ALIASES[scheme] = target
+            kombu.transport._transport_cache.pop(scheme, None)  # resolved before: resolve again
