@@ -21,8 +21,6 @@ import os
 import time
 from typing import Callable, Iterator
 
-import redis
-
 from shared.config import Settings
 from shared.connections import connect, is_busy
 from shared.contract import TASK_NAME, ChunkOptions, make_items
@@ -107,7 +105,7 @@ class Client:
         for pause in (*PUBLISH_BACKOFF, None):
             try:
                 return call()
-            except redis.ResponseError as exc:
+            except Exception as exc:  # redis-py's ResponseError, or kombu's OperationalError around it
                 if pause is None or not is_busy(exc):
                     raise
                 log.warning("Redis refused a write (%s); retrying in %gs", exc, pause)

@@ -3,6 +3,7 @@ a Redis that refuses writes for a while (out of memory) is waited out, not taken
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import pytest
@@ -63,5 +64,35 @@ def test_a_redis_out_of_memory_mid_job_is_waited_out_and_nothing_is_lost(concret
         assert status.state == "done" and status.failed == 0
         assert [r["path"] for r in records] == paths
         assert in_flight(admin, queue_name) == 0 and worker.proc.poll() is None
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_a_submit_that_redis_refuses_for_out_of_memory_is_retried_until_it_takes(concrete_dir, tmp_path, caplog):
+    server = RedisServer(tmp_path / "redis-oom").start()
+    try:
+        admin = server.client()
+        client = Client(Settings.load(redis_url=server.url, queue="oom-submit", chunk_size=4))
+        paths = mixed_paths(concrete_dir, 12, offset=500)
+        client.celery.send_task("warm-up", queue="other")  # connect first: kombu's own set-up writes too
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+
+        class LiftOnRefusal(logging.Handler):  # the operator frees memory once the refusal shows
+            fired = 0
+
+            def emit(self, record):
+                if "Redis refused a write" in record.getMessage():
+                    self.fired += 1
+                    admin.config_set("maxmemory", "0")
+
+        handler = LiftOnRefusal()
+        logging.getLogger("producer.api").addHandler(handler)
+        try:
+            job_id = client.submit(paths)
+        finally:
+            logging.getLogger("producer.api").removeHandler(handler)
+        assert handler.fired == 1  # refused once (out of memory), then retried and taken
+        assert client.status(job_id).state == "queued" and waiting(admin, "oom-submit") == 3
     finally:
         server.stop(signal.SIGKILL)
