@@ -4,9 +4,10 @@ The scenario of issue 13: N real patches on 2 workers (separate ``crackq
 worker`` process groups, private Redis); at 20 % one worker's whole process
 group gets SIGKILL and never comes back.  Before leases the job stopped just
 short of N for the visibility timeout (an hour); now the survivor recovers the
-lost chunk once its lease runs out.  Prints the time from the kill to the
-job's completion, the record count, and the comparison with an undisturbed
-run of the same images on the same workers (labels and probabilities).
+lost chunk once its lease runs out.  Prints the time from the kill until the
+lost chunk is back on the queue and until the job's completion, the record
+count, and the comparison with an undisturbed run of the same images on the
+same workers (labels and probabilities).
 
     .venv/bin/python -m benchmarks.lost_worker                 # 4,000 patches, default lease (30 s)
     .venv/bin/python -m benchmarks.lost_worker --images 1000 --lease 5
@@ -63,8 +64,12 @@ def main(argv=None) -> int:
             job_id = client.submit(paths)
             while client.status(job_id).done < args.at * len(paths):
                 time.sleep(0.05)
+            held = set(client.redis.hkeys("unacked"))  # both workers' chunks in hand at the kill
             os.killpg(victim.pid, signal.SIGKILL)
             killed = time.monotonic()
+            while held & set(client.redis.hkeys("unacked")):  # the survivor acks its own in < 1 s
+                time.sleep(0.1)
+            back_on_queue = time.monotonic() - killed
             status = client.wait(job_id, timeout=3600)
             after_kill = time.monotonic() - killed
             records = list(client.results(job_id))
@@ -74,6 +79,7 @@ def main(argv=None) -> int:
     report = {"images": len(paths), "lease_seconds": args.lease, "visibility_timeout": Settings().visibility_timeout,
               "killed_at_fraction": args.at, "state": status.state, "records": len(records),
               "errors": sum(1 for r in records if r["error"]), "equal_to_undisturbed": same,
+              "seconds_from_kill_to_lost_chunk_requeued": round(back_on_queue, 1),
               "seconds_from_kill_to_done": round(after_kill, 1), "undisturbed_job_seconds": round(undisturbed_s, 1)}
     print(json.dumps(report, indent=2))
     return 0 if status.state == "done" and same == len(paths) == len(records) else 1
