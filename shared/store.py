@@ -68,7 +68,7 @@ end
 for i = 1, n do
   local index = tonumber(ARGV[pos])
   -- An index outside the job (a hand-made message) must not count towards its total.
-  if index and index >= 0 and index < total and
+  if index and index % 1 == 0 and index >= 0 and index < total and
      (failed_chunk == '' or redis.call('HEXISTS', KEYS[2], ARGV[pos]) == 0) then
     redis.call('HSET', KEYS[2], ARGV[pos], ARGV[pos + 1])
     if ARGV[pos + 2] == '1' then
@@ -83,7 +83,7 @@ local m = tonumber(ARGV[pos])
 pos = pos + 1
 for i = 1, m do
   local index = tonumber(ARGV[pos])
-  if index and index >= 0 and index < total then
+  if index and index % 1 == 0 and index >= 0 and index < total then
     redis.call('HSET', KEYS[4], ARGV[pos], ARGV[pos + 1])
   end
   pos = pos + 2
