@@ -71,13 +71,16 @@ class OnnxModel:
     def threshold(self, default: float = 0.5) -> float:
         return card_threshold(self.card, default)
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray, pooled_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and features; ``pooled_only=False`` keeps the texture statistics too (all served
+        ``features`` columns, as the in-domain check reads them)."""
+        width = POOLED_DIM if pooled_only else None
         probs, feats = [], []
         for start in range(0, len(images), self.batch_size):
             batch = np.asarray(images[start:start + self.batch_size], dtype=np.float32)
             p, f = self.session.run(["probabilities", "features"], {"image": batch})
             probs.append(p[:, self.crack_index])
-            feats.append(f[:, :POOLED_DIM])
+            feats.append(f[:, :width])
         if not probs:
-            return np.zeros((0,), np.float32), np.zeros((0, POOLED_DIM), np.float32)
+            return np.zeros((0,), np.float32), np.zeros((0, width or 0), np.float32)
         return np.concatenate(probs), np.concatenate(feats)
