@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from shared.config import Settings
-from shared.picking import MIN_POOL, POOL_FACTOR, pick_random, pick_uncertain, uncertainty
+from shared.picking import POOL_FACTOR, pick_random, pick_uncertain, uncertainty
 from shared.preprocessing import INPUT_SIZE, Box, ImageError, load_rgb, oriented_size, tiles_to_inputs
 
 
@@ -123,7 +123,7 @@ def choose(cands: Candidates, n: int, strategy: str, model=None, settings: Setti
     if all(t.probability is not None for t in tiles):
         # Probabilities known (a job): run the model only on the most uncertain candidates, for features.
         unc = uncertainty(np.array([t.probability for t in tiles]), cands.threshold)
-        tiles = [tiles[i] for i in np.argsort(-unc, kind="stable")[:max(n * POOL_FACTOR, MIN_POOL)]]
+        tiles = [tiles[i] for i in np.argsort(-unc, kind="stable")[:n * POOL_FACTOR]]
     probs, feats, ok = score(model, tiles, cands.tile_size, settings, progress)
     scored = [tiles[i] for i in ok]
     for t, p in zip(scored, probs):

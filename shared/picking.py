@@ -6,7 +6,8 @@ labels teach it nothing.  :func:`pick_uncertain` instead
 
 1. keeps the candidates whose crack probability is nearest the decision
    threshold (the ones the model is unsure about: a label there moves the
-   decision boundary), ``pool`` times as many as asked for, and
+   decision boundary), ``POOL_FACTOR`` times as many as asked for, no photo
+   giving more than half the budget, and
 2. among them runs a k-centre greedy walk over the L2-normalised pooled
    features (each step takes the candidate farthest from everything picked
    so far), weighted by uncertainty and divided by how many tiles of the same
@@ -25,8 +26,6 @@ import numpy as np
 STRATEGIES = ("uncertain", "random")
 #: Candidates kept for the diversity walk, as a multiple of the tiles asked for.
 POOL_FACTOR = 4
-#: Minimum candidate pool, so small requests still get a choice.
-MIN_POOL = 64
 
 
 def uncertainty(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -54,9 +53,9 @@ def pick_uncertain(probs: np.ndarray, features: np.ndarray | None, groups, n: in
     if n <= 0:
         return []
     unc = uncertainty(probs, threshold)
-    pool_size = min(len(probs), max(n * pool_factor, MIN_POOL))
-    pool = np.argsort(-unc, kind="stable")[:pool_size]
-    groups = np.asarray(groups if groups is not None else np.zeros(len(probs)))[pool]
+    groups = np.asarray(groups if groups is not None else np.zeros(len(probs)))
+    pool = _pool(unc, groups, min(len(probs), n * pool_factor), max(1, -(-n // 2)))
+    groups = groups[pool]
     _, group_ids = np.unique(groups, return_inverse=True)
     if features is None:
         feats = np.zeros((len(pool), 1))
@@ -64,6 +63,18 @@ def pick_uncertain(probs: np.ndarray, features: np.ndarray | None, groups, n: in
         feats = np.asarray(features, dtype=np.float64)[pool]
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     return [int(pool[i]) for i in _k_centre(feats, unc[pool], group_ids, n)]
+
+
+def _pool(unc: np.ndarray, groups: np.ndarray, size: int, per_group: int) -> np.ndarray:
+    """``size`` of the ``2 * size`` most uncertain tiles, taken photo by photo in rounds of ``per_group``
+    (one photo of a stained wall must not fill the pool while other photos have candidates)."""
+    order = np.argsort(-unc, kind="stable")[:2 * size]
+    seen: dict = {}
+    rounds = np.empty(len(order), np.int64)
+    for k, i in enumerate(order):
+        rounds[k] = seen.get(groups[i], 0) // per_group
+        seen[groups[i]] = seen.get(groups[i], 0) + 1
+    return order[np.lexsort((np.arange(len(order)), rounds))][:size]
 
 
 def _k_centre(feats: np.ndarray, unc: np.ndarray, group_ids: np.ndarray, n: int) -> list[int]:

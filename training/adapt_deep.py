@@ -93,10 +93,12 @@ def maybe_unfreeze(cfg, new, replay, head, head_cv: dict, progress) -> DeepResul
         per_fold.append(balanced_accuracy(new.y[held], oof[held], best_threshold(new.y[rest], oof[rest])))
     cv = {"oof": oof, "balanced_accuracy": float(np.mean(per_fold)), "per_fold": per_fold, "folds": len(folds),
           "at_0_5": balanced_accuracy(new.y, oof, 0.5)}
-    kept = cfg.unfreeze_blocks != "auto" or cv["balanced_accuracy"] > head_cv["balanced_accuracy"]
+    from training.adapt import _estimate
+
+    kept = cfg.unfreeze_blocks != "auto" or _estimate(cv) > _estimate(head_cv)
     progress(f"unfreeze {blocks} block(s): cross-validated balanced accuracy {cv['balanced_accuracy']:.3f} "
              f"(head only {head_cv['balanced_accuracy']:.3f}): {'kept' if kept else 'not kept'}")
-    result = DeepResult(blocks, kept, cv, head_cv["balanced_accuracy"])
+    result = DeepResult(blocks, kept, cv, _estimate(head_cv))
     if kept:
         model, top = train(np.arange(len(new.y)))
         result.weights = {layer.name: layer.get_weights() for layer in model.layers if layer.trainable and layer.weights}
