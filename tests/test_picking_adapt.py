@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from shared.picking import pick_random, pick_uncertain, uncertainty
-from tests.imagery import PATCH, held_out_patches, layout, mosaic_photo, unfamiliar_images
+from tests.imagery import PATCH, SPLIT_FILE, held_out_patches, layout, mosaic_photo, unfamiliar_images
 from tests.service import crackq_cli
 
 
@@ -63,14 +63,24 @@ def test_adapt_learns_a_new_surface_keeps_the_old_and_stores_a_threshold(concret
         folder = new / ("Positive" if y else "Negative")
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"wall{i % 16:02d}_x{i}_y0.png")              # 16 "photos", 4 tiles each
+    # A small replay split (a sample of the shipped model's own split) keeps the test to seconds of decoding.
+    from training.data import Split
+
+    full = Split.load(SPLIT_FILE)
+    small = {name: sorted([f for f in full.files[name] if f.startswith("Negative")][:n] +
+                          [f for f in full.files[name] if f.startswith("Positive")][:n])
+             for name, n in (("train", 100), ("val", 50), ("test", 50))}
+    replay_split = tmp_path / "replay-split.json"
+    Split(full.classes, full.seed, full.ratios, small, None, str(concrete_dir)).save(replay_split)
     out = tmp_path / "model"
     run = crackq_cli("adapt", str(new), "--out", str(out), "--replay-size", "200", "--folds", "4",
+                     "--replay-dir", str(concrete_dir), "--replay-split", str(replay_split),
                      env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=900)
     card = json.loads((out / "model_card.json").read_text())
     cv = card["metrics"]["new_imagery_cv"]
     assert cv["grouped_by_photo"] and cv["folds"] == 4 and cv["n"] == 64
     assert cv["balanced_accuracy"] > cv["init_model_balanced_accuracy"] + 0.05   # it learnt the new surface
-    assert card["metrics"]["replay_test"]["images"] == 960
+    assert card["metrics"]["replay_test"]["images"] == 100
     assert card["metrics"]["replay_test"]["accuracy"] >= 0.98                 # and kept the old one
     assert 0.0 < card["threshold"]["value"] < 1.0 and card["domain"]["file"] == "domain.npz"
     assert "balanced accuracy" in run.stdout and (out / "crackq_mobilenetv2.onnx").exists()
