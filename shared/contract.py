@@ -46,6 +46,10 @@ class ChunkOptions:
     tile_size: int = 227
     tile_overlap: int = 0
     per_tile: bool = False
+    #: issue 11: True when the job did not set a threshold: workers then use their model card's
+    #: ``threshold`` (chosen by ``crackq adapt``), ``threshold`` being the fallback.  Workers that
+    #: predate the field ignore it and use ``threshold``.
+    model_threshold: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +59,17 @@ class ChunkOptions:
         data = data or {}
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+def resolve_threshold(options: ChunkOptions, card: dict) -> ChunkOptions:
+    """The options a worker applies: the model card's threshold when the job left it to the model (issue 11)."""
+    if not options.model_threshold:
+        return options
+    from dataclasses import replace
+
+    from shared.onnx_model import card_threshold
+
+    return replace(options, threshold=card_threshold(card, options.threshold))
 
 
 def make_items(paths: list[str], start: int = 0) -> list[dict]:
