@@ -41,11 +41,14 @@ def label(sources, out, port, budget, strategy, seed, no_recursive):
     from shared.config import Settings
     from shared.onnx_model import OnnxModel
 
+    from shared.connections import RedisUnavailable
+    from shared.store import UnknownJob
+
     settings = Settings.load()
     try:
         cands, source = _candidates(sources, settings, no_recursive, from_job, from_photos)
         model = OnnxModel.load(settings.model)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, UnknownJob, RedisUnavailable) as exc:
         raise InputError(str(exc)) from None
     for path, reason in cands.failed.items():
         click.echo(f"skipped {path}: {reason}", err=True)

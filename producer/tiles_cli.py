@@ -99,7 +99,10 @@ def choose_uncertain(grid: list[tuple[str, Box]], size: int, sample: int, settin
     from producer.candidates import Candidates, Tile, choose as pick
     from shared.onnx_model import OnnxModel
 
-    model = OnnxModel.load(settings.model)
+    try:
+        model = OnnxModel.load(settings.model)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
     cands = Candidates([Tile(p, b) for p, b in grid], size, model.threshold(settings.threshold), {})
     by_photo: dict[str, list[Box]] = defaultdict(list)
     for tile in pick(cands, sample, "uncertain", model, settings):
