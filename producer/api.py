@@ -38,15 +38,18 @@ BYTES_PER_UNIT = 256 * 1024
 
 
 class Client:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, model_threshold: bool | None = None):
         self.settings = settings
+        # issue 11: a job that sets no threshold lets each worker use its model card's (crackq adapt).
+        self.model_threshold = (_threshold_unset(settings) if model_threshold is None else model_threshold)
         self.redis = connect(settings.effective_redis_url, retry_seconds=settings.redis_retry_seconds)
         self.store = JobStore(self.redis, settings.result_ttl)
         self._celery = None
 
     @classmethod
     def from_settings(cls, **overrides) -> "Client":
-        return cls(Settings.load(**overrides))
+        return cls(Settings.load(**overrides),
+                   model_threshold=overrides.get("threshold") is None and not os.environ.get("CRACKQ_THRESHOLD"))
 
     @property
     def celery(self):
@@ -57,7 +60,8 @@ class Client:
     def options(self, **changes) -> ChunkOptions:
         """The job's options from the settings and ``changes``, checked (:class:`InvalidOptions`)."""
         s = self.settings
-        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap)
+        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
+                            model_threshold=self.model_threshold and changes.get("threshold") is None)
         merged = {**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
         return ChunkOptions.from_dict(merged)
 
@@ -160,6 +164,12 @@ class Client:
 
     def cancel(self, job_id: str) -> JobStatus:
         return self.store.cancel(job_id)
+
+
+def _threshold_unset(settings: Settings) -> bool:
+    """No CRACKQ_THRESHOLD and the default value (a Settings built in code with --threshold 0.5 counts as unset)."""
+    default = Settings.__dataclass_fields__["threshold"].default
+    return not os.environ.get("CRACKQ_THRESHOLD") and settings.threshold == default
 
 
 def poll_interval(done: int, total: int, elapsed: float, longest: float, shortest: float = 0.005) -> float:

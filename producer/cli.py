@@ -28,6 +28,8 @@ COMMANDS = {
     "export": "training.cli:export",
     "domain-fit": "training.domain_fit:domain_fit",
     "tiles": "producer.tiles_cli:tiles",
+    "label": "producer.label_cli:label",
+    "adapt": "training.adapt_cli:adapt",
 }
 
 

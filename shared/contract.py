@@ -48,6 +48,10 @@ class ChunkOptions:
     tile_size: int = 227
     tile_overlap: int = 0
     per_tile: bool = False
+    #: issue 11: True when the job did not set a threshold: workers then use their model card's
+    #: ``threshold`` (chosen by ``crackq adapt``), ``threshold`` being the fallback.  Workers that
+    #: predate the field ignore it and use ``threshold``.
+    model_threshold: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +74,8 @@ class ChunkOptions:
         check_tiling(options.tile_size, options.tile_overlap)
         if not isinstance(options.per_tile, bool):
             raise InvalidOptions("per_tile must be true or false")
+        if not isinstance(options.model_threshold, bool):
+            raise InvalidOptions("model_threshold must be true or false")
         if "scales" in data:
             check_scales(data["scales"])
         return options
@@ -134,6 +140,17 @@ def check_items(items) -> tuple[list[dict], list[dict]]:
             unusable.append({"index": int(item["index"]), "path": item.get("path") if isinstance(
                 item.get("path"), str) else ""})
     return usable, unusable
+
+
+def resolve_threshold(options: ChunkOptions, card: dict) -> ChunkOptions:
+    """The options a worker applies: the model card's threshold when the job left it to the model (issue 11)."""
+    if not options.model_threshold:
+        return options
+    from dataclasses import replace
+
+    from shared.onnx_model import card_threshold
+
+    return replace(options, threshold=card_threshold(card, options.threshold))
 
 
 def make_items(paths: list[str], start: int = 0) -> list[dict]:

@@ -65,9 +65,21 @@ def _settings(**overrides):
 @click.option("--cache-dir", default=D["cache_dir"].default_factory(), show_default=True,
               type=click.Path(file_okay=False), help="Where backbone features are cached.")
 @click.option("--limit-per-class", type=click.IntRange(1), help="Use only N (seeded random) images per class.")
+@click.option("--recipe", type=click.Choice(["adapt", "full"]), default="adapt", show_default=True,
+              help="With --init-model: adapt = the few-label recipe of `crackq adapt` (replay, balancing, "
+                   "augmentation, cross-validated threshold; the epoch/batch/rate options do not apply); "
+                   "full = the whole training recipe from the init model.")
 def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, backbone_weights, init_model,
-          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class):
+          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class, recipe):
     """Train the crack classifier on DATA_DIR (one sub-folder per class) and write model, ONNX, card, plots."""
+    # ---- issue 11: `--init-model` fine-tunes with the few-label recipe (training/adapt.py) ----
+    if init_model and recipe == "adapt":
+        from training.adapt import AdaptConfig
+        from training.adapt_cli import run_adapt
+
+        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir))
+        return
+    # ---- end issue 11 ----
     _quiet_tensorflow()
     from training.train import train as run
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from shared.config import Settings
-from shared.contract import ChunkOptions, error_record, label_for, result_record
+from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record
 from shared.exif import photo_metadata
 from shared.preprocessing import (ImageError, PreparedImage, needs_tiling, open_checked, oriented_size,
                                   prepare_image, tile_count)
@@ -75,6 +75,7 @@ class ChunkRunner:
 
     def run(self, items: list[dict], options: ChunkOptions,
             should_stop: Callable[[], bool] = lambda: False) -> ChunkOutput:
+        options = resolve_threshold(options, self.classifier.info.card)  # issue 11: the card's threshold
         out = ChunkOutput({}, {})
         group: list[_Decoded] = []
         n_inputs = 0
