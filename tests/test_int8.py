@@ -93,7 +93,9 @@ def test_export_int8_writes_a_gated_model_that_workers_serve(model_copy, concret
     assert probs[0] > 0.5 > probs[1] and feats.shape[0] == 2
 
     # Passing the hold-out but failing a test set: written and served on request, not by default.
-    failing = quantize.compare(np.array([0.1, 0.9]), np.array([0.9, 0.9]), np.array([0, 1]))
+    from types import SimpleNamespace
+
+    failing = SimpleNamespace(passed=False, to_dict=lambda: {"passed": False})  # (tolerances are relaxed here)
     monkeypatch.setattr(quantize, "evaluate_gate", lambda fp32, int8, sets: {"uav-concrete": failing})
     assert not quantize.export_int8(model_copy, str(concrete_dir), n_calibration=40, n_holdout=100,
                                     fit_domain=False).cpu_default
