@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "CRACKQ_"
+#: Values of the ``precision`` setting; "" = chosen by device (``worker.inference.resolve_precision``).
+PRECISIONS = ("", "int8", "fp32", "fp16")
 
 #: The repository root when installed in editable mode (the default set-up).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +47,12 @@ class Settings:
     backend: str = field(default="onnx", metadata={
         "help": "Inference backend of workers: onnx (ONNX Runtime, fastest on CPU) or tf (TensorFlow)."})
     device: str = field(default="cpu", metadata={"help": "cpu or gpu (GPU: one worker process per GPU)."})
+    # ---- precision (issue 15) ----
+    precision: str = field(default="", metadata={
+        "help": "Model precision of onnx workers: int8 (the INT8 model beside the FP32 ONNX), fp32, or fp16 "
+                "(GPU). Empty: by device -- int8 on CPU when the INT8 model of the current FP32 ONNX passed the "
+                "accuracy gate on every labelled test set (`crackq export --int8` records it), else fp32."})
+    # ---- end precision ----
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "MobileNetV2 backbone weights for training: 'imagenet' (downloaded by Keras) or a .h5 path."})
     batch_size: int = field(default=8, metadata={
@@ -109,6 +117,10 @@ class Settings:
             raise ValueError(f"backend must be 'onnx' or 'tf', not {self.backend!r}")
         if self.device not in {"cpu", "gpu"}:
             raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of int8, fp32, fp16 or empty (by device), not {self.precision!r}")
+        if self.precision in {"int8", "fp16"} and self.backend != "onnx":
+            raise ValueError(f"precision {self.precision} needs backend onnx (TensorFlow serves fp32)")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise ValueError("chunk_size and batch_size must be at least 1")
         if not 0.0 <= self.threshold <= 1.0:
