@@ -15,10 +15,12 @@ by name with the arguments :mod:`shared.contract` defines.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+import uuid
 from typing import Callable, Iterator
 
 from shared.config import Settings
@@ -83,14 +85,16 @@ class Client:
         self._retry_busy(lambda: self.store.create(
             job_id, total=len(paths), chunks=len(chunks), options=options.to_dict(),
             model=os.path.basename(self.settings.model), state="submitting"))
+        ids = [str(uuid.uuid4()) for _ in chunks]
         try:
             if on_created:
                 on_created(job_id, len(chunks))
+            self._retry_busy(lambda: self.store.remember_chunks(job_id, dict(zip(ids, chunks))))
             with self.celery.producer_or_acquire() as producer:
-                for chunk in chunks:
+                for chunk_id, chunk in zip(ids, chunks):
                     self._retry_busy(lambda: self.celery.send_task(
                         TASK_NAME, args=[job_id, chunk, options.to_dict()], queue=self.settings.queue,
-                        producer=producer))
+                        producer=producer, task_id=chunk_id))
             self._retry_busy(lambda: self.store.mark_queued(job_id))
         except BaseException:
             self._remove_unfinished(job_id)
@@ -116,21 +120,50 @@ class Client:
                 time.sleep(pause)
 
     def status(self, job_id: str, recover: bool = False) -> JobStatus:
-        """The job's status; with ``recover``, chunks of lost workers are put back first (:meth:`recover`)."""
+        """The job's status; with ``recover``, lost chunks are put back first (:meth:`recover`)."""
         if recover:
-            self.recover()
+            self.recover(job_id)
         return self.store.status(job_id)
 
-    def recover(self) -> list[str]:
-        """Put back on the queue the chunks whose worker stopped renewing its lease (:mod:`shared.leases`).
+    def recover(self, job_id: str | None = None) -> list[str]:
+        """Put back on the queue the chunks whose worker stopped renewing its lease (:mod:`shared.leases`),
+        and, for ``job_id``, chunks that Redis itself lost (:meth:`requeue_lost_chunks`).
 
         Never fails: recovery is a help, the job's status must be readable without it.
         """
         try:
-            return recover_with(self.celery, self.settings.queue, self.settings.lease_seconds)
+            restored = recover_with(self.celery, self.settings.queue, self.settings.lease_seconds)
+            if job_id:
+                restored += self.requeue_lost_chunks(job_id)
+            return restored
         except Exception as exc:  # noqa: BLE001
-            log.warning("lease recovery skipped: %s: %s", type(exc).__name__, exc)
+            log.warning("recovery skipped: %s: %s", type(exc).__name__, exc)
             return []
+
+    def requeue_lost_chunks(self, job_id: str) -> list[str]:
+        """Queue again the chunks of an unfinished job that are nowhere: not queued, not held by a worker.
+
+        kombu's Redis transport takes a message with ``BRPOP`` and writes its
+        unacknowledged copy in a second command; a Redis crash between the two
+        loses that message (the pop is in the AOF, the copy is not).  The job
+        keeps the items of every chunk not written yet, so when its queue is
+        empty and nothing of it is unacknowledged, whatever is still
+        outstanding was lost and is queued again (same chunk id; a duplicate
+        run only overwrites).
+        """
+        status = self.store.status(job_id)
+        if status.finished or status.state == "submitting" or queue_busy(self.redis, self.settings.queue):
+            return []
+        outstanding = self.store.outstanding_chunks(job_id)
+        if not outstanding:
+            return []
+        options = self.store.options(job_id)
+        for chunk_id, items in outstanding.items():
+            self.celery.send_task(TASK_NAME, args=[job_id, items, options], queue=self.settings.queue,
+                                  task_id=chunk_id)
+        log.warning("job %s: queued again %d chunk(s) that were neither queued nor held by a worker",
+                    job_id, len(outstanding))
+        return list(outstanding)
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2,
              on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
@@ -146,7 +179,7 @@ class Client:
         next_recovery = started + self.settings.lease_seconds / 2
         while True:
             if time.monotonic() >= next_recovery:  # a job must not wait on a dead worker, idle workers or not
-                self.recover()
+                self.recover(job_id)
                 next_recovery = time.monotonic() + self.settings.lease_seconds / 2
             status = self.status(job_id)
             if on_progress:
@@ -170,6 +203,22 @@ def _threshold_unset(settings: Settings) -> bool:
     """No CRACKQ_THRESHOLD and the default value (a Settings built in code with --threshold 0.5 counts as unset)."""
     default = Settings.__dataclass_fields__["threshold"].default
     return not os.environ.get("CRACKQ_THRESHOLD") and settings.threshold == default
+
+
+def queue_busy(client, queue: str) -> bool:
+    """True while ``queue`` has chunks waiting (any priority) or delivered and not acknowledged."""
+    from kombu.transport.redis import Channel
+
+    keys = [queue] + [f"{queue}{Channel.sep}{p}" for p in Channel.priority_steps if p]
+    if any(client.llen(key) for key in keys):
+        return True
+    for raw in client.hvals(Channel.unacked_key):
+        try:
+            if json.loads(raw)[2] == queue:
+                return True
+        except (ValueError, IndexError, TypeError):
+            continue
+    return False
 
 
 def poll_interval(done: int, total: int, elapsed: float, longest: float, shortest: float = 0.005) -> float:

@@ -10,6 +10,8 @@ Redis memory stays bounded):
 ``crackq:job:<id>:tiles``         hash: image index -> JSON list of per-tile records
 ``crackq:job:<id>:failed_chunks`` set of chunk ids whose retries were exhausted
 ``crackq:job:<id>:deliveries``    hash: ``<chunk id>:<retry>`` -> times that attempt was started
+``crackq:job:<id>:chunks``        hash: chunk id -> JSON items, for chunks not written yet (a chunk lost
+                                  by Redis itself can be queued again: :meth:`JobStore.outstanding_chunks`)
 
 Keys outside a job (see :mod:`shared.leases` and :mod:`shared.transport`):
 
@@ -59,11 +61,15 @@ if state == 'cancelled' then return -2 end
 local ttl = tonumber(ARGV[1])
 local now = ARGV[2]
 local failed_chunk = ARGV[3]
-local n = tonumber(ARGV[4])
+local chunk = ARGV[4]
+local n = tonumber(ARGV[5])
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
-local pos = 5
+local pos = 6
 if failed_chunk ~= '' then
   redis.call('SADD', KEYS[5], failed_chunk)
+end
+if chunk ~= '' then
+  redis.call('HDEL', KEYS[6], chunk)
 end
 for i = 1, n do
   local index = tonumber(ARGV[pos])
@@ -94,7 +100,7 @@ local done = redis.call('HLEN', KEYS[2])
 if done >= total then
   redis.call('HSETNX', KEYS[1], 'finished_at', now)
 end
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+for i = 1, 6 do redis.call('EXPIRE', KEYS[i], ttl) end
 return done
 """
 
@@ -135,6 +141,10 @@ def _keys(job_id: str) -> list[str]:
 
 def deliveries_key(job_id: str) -> str:
     return PREFIX + job_id + ":deliveries"
+
+
+def chunks_key(job_id: str) -> str:
+    return PREFIX + job_id + ":chunks"
 
 
 def lease_key(delivery_tag: str) -> str:
@@ -181,7 +191,7 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         """Remove a job and all its keys (a submit that was interrupted): workers then drop its chunks."""
-        self.client.delete(*_keys(job_id), deliveries_key(job_id))
+        self.client.delete(*_keys(job_id), deliveries_key(job_id), chunks_key(job_id))
 
     def cancel(self, job_id: str) -> JobStatus:
         key = _keys(job_id)[0]
@@ -246,8 +256,22 @@ class JobStore:
         state = self.client.hget(_keys(job_id)[0], "state")
         return state is None or state == "cancelled"
 
+    def remember_chunks(self, job_id: str, chunks: dict[str, list[dict]]) -> None:
+        """Keep the items of chunks just queued until a worker writes them (see :meth:`outstanding_chunks`)."""
+        if not chunks:
+            return
+        key = chunks_key(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping={cid: json.dumps(items, separators=(",", ":")) for cid, items in chunks.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def outstanding_chunks(self, job_id: str) -> dict[str, list[dict]]:
+        """Chunks queued for the job and not written yet, by chunk id."""
+        return {cid: json.loads(raw) for cid, raw in self.client.hgetall(chunks_key(job_id)).items()}
+
     def write_results(self, job_id: str, records: dict[int, dict], tiles: dict[int, list] | None = None,
-                      failed_chunk: str = "") -> int:
+                      failed_chunk: str = "", chunk: str = "") -> int:
         """Store records by image index (overwriting); returns images done, or JOB_MISSING/JOB_CANCELLED.
 
         Indexes outside ``0..total-1`` are ignored.  With ``failed_chunk``, the
@@ -255,14 +279,14 @@ class JobStore:
         images still without a record, and the chunk joins ``failed_chunks`` in
         the same step, so a poller never sees the job ``done`` before ``failed``.
         """
-        args: list = [self.ttl, time.time(), failed_chunk, len(records)]
+        args: list = [self.ttl, time.time(), failed_chunk, chunk or failed_chunk, len(records)]
         for index, record in records.items():
             args += [index, _dumps(record), "1" if record.get("error") else "0"]
         tiles = tiles or {}
         args.append(len(tiles))
         for index, tile_records in tiles.items():
             args += [index, _dumps(tile_records)]
-        return int(self._write(keys=_keys(job_id), args=args))
+        return int(self._write(keys=[*_keys(job_id), chunks_key(job_id)], args=args))
 
     def fail_chunk(self, job_id: str, chunk_id: str, records: dict[int, dict]) -> int:
         """A chunk gave up (retries, time limit, deliveries): its error records and ``failed`` in one step."""

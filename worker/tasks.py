@@ -105,7 +105,7 @@ def _classify_chunk(task, job_id: str, items: list[dict], options: dict | None) 
         log.error("job %s chunk %s: bad options: %s", job_id, request.id, exc)
         bad = {i["index"]: error_record(i["path"], f"bad options: {exc}", worker=state.worker_name())
                for i in usable + unusable}
-        store.write_results(job_id, bad)
+        store.write_results(job_id, bad, chunk=request.id)
         return {"job_id": job_id, "done": len(bad), "errors": len(bad)}
     start = time.perf_counter()
     output = runner.run(usable, chunk_options, should_stop=lambda: store.is_cancelled(job_id))
@@ -114,7 +114,7 @@ def _classify_chunk(task, job_id: str, items: list[dict], options: dict | None) 
                                                      worker=state.worker_name())
     if output.cancelled:
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
-    done = store.write_results(job_id, output.records, output.tiles)
+    done = store.write_results(job_id, output.records, output.tiles, chunk=task.request.id)
     errors = sum(1 for r in output.records.values() if r.get("error"))
     metrics.observe_chunk(output.records.values(), time.perf_counter() - start)
     if done in (JOB_MISSING, JOB_CANCELLED):
