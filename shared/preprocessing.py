@@ -59,6 +59,8 @@ class Box:
 
 def check_file(path: str, max_file_bytes: int) -> None:
     """Cheap checks before decoding, each with a reason a user understands."""
+    if not isinstance(path, (str, os.PathLike)):  # a file object fetched by shared/storage.py (checked there)
+        return
     if not os.path.exists(path):
         raise ImageError("file not found")
     if os.path.isdir(path):

@@ -27,8 +27,12 @@ from PIL import Image
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (ImageError, PreparedImage, check_file, is_under_roots, needs_tiling,
-                                  oriented_size, prepare_image, tile_grid)
+from shared.preprocessing import (ImageError, PreparedImage, check_file, needs_tiling, oriented_size,
+                                  prepare_image, tile_grid)
+# ---- object storage and rasters read by windows (issue 12): shared/storage.py, shared/raster.py
+from shared import raster, storage
+from shared.storage import is_under_roots
+# ---- end issue 12
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,9 @@ class ChunkRunner:
         for decoded in self._decode_ahead(items, options):
             if decoded.error:
                 out.records[decoded.item["index"]] = self._error(decoded)
+                continue
+            if not len(decoded.prepared.inputs):  # a raster window of nodata only (issue 12)
+                out.records[decoded.item["index"]] = self._empty_window(decoded)
                 continue
             group.append(decoded)
             n_inputs += len(decoded.prepared.inputs)
@@ -130,8 +137,10 @@ class ChunkRunner:
         the common case and the header read would cost the inference thread ~0.2 ms each.
         """
         path = item["path"]
+        if "window" in item:  # a raster window (issue 12): its tile count, nothing read
+            return raster.expected_inputs(item, options.tile_size, options.tile_overlap)
         try:
-            if not options.tile_size or not is_under_roots(path, self.roots):
+            if not options.tile_size or not is_under_roots(path, self.roots) or storage.is_remote(path):
                 return 1
             if os.path.getsize(path) <= SMALL_FILE:
                 return 1
@@ -150,6 +159,13 @@ class ChunkRunner:
         try:
             if not is_under_roots(path, self.roots):
                 raise ImageError("path outside the worker's data roots (CRACKQ_DATA_ROOTS)")
+            if "window" in item:  # issue 12: one window of a raster, read with rasterio
+                decoded.prepared = raster.prepare_window(
+                    path, item["window"], size=self.classifier.info.input_size, tile=options.tile_size or 227,
+                    overlap=options.tile_overlap, max_pixels=self.settings.max_pixels)
+                decoded.decode_ms = (time.perf_counter() - start) * 1000
+                return decoded
+            path = storage.source(path, self.settings.max_file_bytes)  # issue 12: s3:// objects fetched whole
             decoded.prepared = prepare_image(
                 path, size=self.classifier.info.input_size, tile=options.tile_size, overlap=options.tile_overlap,
                 max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
@@ -196,7 +212,8 @@ class ChunkRunner:
             width=prep.width, height=prep.height, tiles=len(probs), crack_tiles=n_crack,
             crack_fraction=round(n_crack / len(probs), 6), max_crack_probability=round(top, 6),
             **_domain_fields(scores, familiar), **d.meta)
-        if prep.boxes is None or not options.per_tile:
+        windowed = isinstance(prep, raster.PreparedWindow)  # issue 12: crack tiles of rasters always kept
+        if prep.boxes is None or not (options.per_tile or windowed):
             return record, None
         tiles = [
             {"path": d.item["path"], "tile": i, **box.as_dict(), "crack_probability": round(float(p), 6),
@@ -205,11 +222,18 @@ class ChunkRunner:
              "domain_score": None if np.isnan(s) else round(float(s), 4)}
             for i, (box, p, s, fam) in enumerate(zip(prep.boxes, probs, scores, familiar))
         ]
+        if windowed:  # issue 12: raster tile ids, polygons in map coordinates, window fields
+            return raster.finish_window(prep, record, tiles, options.per_tile, d.item.get("raster"))
         return record, tiles
 
     def _error(self, d: _Decoded) -> dict:
         return error_record(d.item["path"], d.error, model=self.classifier.info.name, worker=self.worker_name,
                             elapsed_ms=d.decode_ms)
+
+    def _empty_window(self, d: _Decoded) -> dict:
+        return raster.empty_window_record(d.item["path"], d.prepared, d.item.get("raster"),
+                                          model=self.classifier.info.name, worker=self.worker_name,
+                                          elapsed_ms=d.decode_ms)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
