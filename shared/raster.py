@@ -149,7 +149,8 @@ def prepare_window(path: str, window: list[int], *, size: int = INPUT_SIZE, tile
             rgb = to_rgb8(ds.read(indexes=_rgb_bands(ds), window=Window(x, y, w, h)))
             valid = ds.dataset_mask(window=Window(x, y, w, h)) > 0
         except (RasterioError, ValueError) as exc:
-            raise ImageError(f"corrupt raster data: {str(exc)[:120]}") from None
+            detail = exc.__cause__ or exc  # rasterio chains GDAL's own message
+            raise ImageError(f"corrupt raster data: {str(detail)[:120]}") from None
     tiles = window_tiles(info.width, info.height, [x, y, w, h], tile, overlap)
     kept = [(tid, b) for tid, b in tiles if valid[b.y - y:b.y - y + b.h, b.x - x:b.x - x + b.w].mean()
             >= MIN_VALID_SHARE]
@@ -221,6 +222,11 @@ def finish_window(prep: PreparedWindow, record: dict, tiles: list[dict], per_til
     if not per_tile:
         tiles = [t for t in tiles if t["label"] == "crack"]
     return record, tiles
+
+
+def item_fields(item: dict) -> dict:
+    """``window`` and ``raster`` of a window item (so even its error record is merged into its raster's)."""
+    return {"window": item["window"], "raster": item.get("raster")} if "window" in item else {}
 
 
 def empty_window_record(path: str, prep: PreparedWindow, part, **context) -> dict:

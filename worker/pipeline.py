@@ -228,7 +228,7 @@ class ChunkRunner:
 
     def _error(self, d: _Decoded) -> dict:
         return error_record(d.item["path"], d.error, model=self.classifier.info.name, worker=self.worker_name,
-                            elapsed_ms=d.decode_ms)
+                            elapsed_ms=d.decode_ms, **raster.item_fields(d.item))  # issue 12: window of a raster
 
     def _empty_window(self, d: _Decoded) -> dict:
         return raster.empty_window_record(d.item["path"], d.prepared, d.item.get("raster"),
