@@ -43,6 +43,29 @@ def test_windows_split_the_tile_grid_exactly(width, height, overlap, window):
     assert all(w[2] <= max(window, PATCH) + PATCH and w[3] <= max(window, PATCH) + PATCH for w in windows)
 
 
+def test_window_records_merge_into_one_record_per_raster_even_when_a_chunk_failed():
+    from producer.rasters import assemble
+
+    def part(i, tiles, crack, top, **extra):
+        return {"path": "/o.tif", "label": "crack" if crack else "no_crack", "crack_probability": top,
+                "error": "", "worker": f"w{i}", "elapsed_ms": 10.0, "width": 900, "height": 400,
+                "tiles": tiles, "crack_tiles": crack, "max_crack_probability": top, "in_domain": True,
+                "domain_score": 0.2, "crs": CRS, "window": [i * 300, 0, 300, 400], "raster": [i, 3], **extra}
+
+    records = [{"path": "/a.jpg", "label": "no_crack", "error": ""},
+               part(0, 2, 1, 0.9), {"path": "/o.tif", "tile": 1, "label": "crack"},
+               {"path": "/o.tif", "label": "", "error": "chunk timed out"},  # on_failure writes no window fields
+               part(2, 2, 0, 0.2), {"path": "/o.tif", "tile": 0, "label": "no_crack"},
+               {"path": "/b.jpg", "label": "crack", "error": ""}]
+    out = list(assemble(records))
+    assert [r["path"] for r in out] == ["/a.jpg", "/o.tif", "/o.tif", "/o.tif", "/b.jpg"]
+    merged = out[1]
+    assert (merged["tiles"], merged["crack_tiles"], merged["max_crack_probability"]) == (4, 1, 0.9)
+    assert merged["label"] == "crack" and merged["error"] == "1 of 3 windows failed: chunk timed out"
+    assert merged["windows"] == merged["windows_done"] == 3 and merged["worker"] == "w0,w2"
+    assert "window" not in merged and [t["tile"] for t in out[2:4]] == [0, 1]  # tiles in raster order
+
+
 # ---- rasters from real patches ---------------------------------------------------------------------
 def write_geotiff(path: Path, photo, crs: str | None, alpha_cells=(), damage: bool = False) -> None:
     import rasterio
