@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from producer.api import Client  # noqa: E402
@@ -41,15 +43,33 @@ def choose(n: int) -> list[Path]:
     return every["Positive"][: n // 2] + every["Negative"][: n - n // 2]
 
 
-def run_job(client: Client, args: list[str]) -> tuple[float, float, int]:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) of a process and all its children, living ones."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root] + root.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_job(client: Client, args: list[str], workers_pid: int | None = None,
+            server_pid: int | None = None) -> tuple[float, float, int, float, float]:
     start = time.perf_counter()
     paths = discover(args).paths
     listed = time.perf_counter()
+    cpu_w, cpu_s = cpu_seconds(workers_pid), cpu_seconds(server_pid)
     job = client.submit(paths)
     status = client.wait(job, timeout=1800, poll=0.05)
     done = time.perf_counter()
     assert status.state == "done" and status.failed == 0, status
-    return listed - start, done - listed, len(paths)
+    return (listed - start, done - listed, len(paths), cpu_seconds(workers_pid) - cpu_w,
+            cpu_seconds(server_pid) - cpu_s)
 
 
 def main() -> None:
@@ -75,26 +95,32 @@ def main() -> None:
             with private_redis() as url:
                 env = {**server.env(), "CRACKQ_DATA_ROOTS": f"{local_dir},s3://{BUCKET}/"}
                 with local_workers(url, opts.workers, [str(local_dir), f"s3://{BUCKET}/"], env=env,
-                                   log_path=str(Path(tmp) / "workers.log")):
+                                   log_path=str(Path(tmp) / "workers.log")) as workers:
                     client = Client(Settings.load(redis_url=url))
                     run_job(client, [str(local_dir / "Positive")])  # warm-up: workers loaded and connected
+                    run_job(client, [f"s3://{BUCKET}/bench/Negative/"])  # warm-up of the S3 connections
                     times: dict[str, list] = {"local disk": [], "S3 (SeaweedFS)": []}
                     for _ in range(opts.repeats):
                         for name, arg in (("local disk", str(local_dir)), ("S3 (SeaweedFS)", f"s3://{BUCKET}/bench/")):
-                            listing, job, n = run_job(client, [arg])
-                            times[name].append((listing, job, n))
+                            listing, job, n, cpu_w, cpu_s = run_job(client, [arg], workers.pid, server.proc.pid)
+                            times[name].append((listing, job, n, cpu_w, cpu_s))
                             print(f"  {name}: {n} images, listing {listing:.2f}s, job {job:.2f}s "
-                                  f"({n / job:.0f} img/s)", flush=True)
+                                  f"({n / job:.0f} img/s), worker CPU {cpu_w * 1000 / n:.1f} ms/img, "
+                                  f"S3 server CPU {cpu_s * 1000 / n:.1f} ms/img, load {os.getloadavg()[0]:.1f}",
+                                  flush=True)
         finally:
             server.stop()
-    local = statistics.median(j for _, j, _ in times["local disk"])
-    remote = statistics.median(j for _, j, _ in times["S3 (SeaweedFS)"])
-    print(f"\n| source | images | listing s | job s (median of {opts.repeats}) | img/s |")
-    print("|---|---:|---:|---:|---:|")
+    local = statistics.median(r[1] for r in times["local disk"])
+    remote = statistics.median(r[1] for r in times["S3 (SeaweedFS)"])
+    print(f"\n| source | images | listing s | job s (median of {opts.repeats}) | img/s | worker CPU ms/img | "
+          "S3 server CPU ms/img |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rows in times.items():
-        job = statistics.median(j for _, j, _ in rows)
-        print(f"| {name} | {rows[0][2]} | {statistics.median(li for li, _, _ in rows):.2f} | {job:.2f} | "
-              f"{rows[0][2] / job:.0f} |")
+        job = statistics.median(r[1] for r in rows)
+        n = rows[0][2]
+        print(f"| {name} | {n} | {statistics.median(r[0] for r in rows):.2f} | {job:.2f} | {n / job:.0f} | "
+              f"{statistics.median(r[3] for r in rows) * 1000 / n:.1f} | "
+              f"{statistics.median(r[4] for r in rows) * 1000 / n:.1f} |")
     print(f"\nS3 / local job time: {remote / local:.3f} (target <= 1.15); workers: {opts.workers}; "
           f"load average now {os.getloadavg()[0]:.1f}")
 

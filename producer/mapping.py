@@ -13,9 +13,12 @@ points (:func:`producer.formats.feature`).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Iterable, Iterator
 
 from shared.contract import RESULT_COLUMNS, TILE_COLUMNS
+
+log = logging.getLogger(__name__)
 
 #: Properties of a tile feature (the polygon is its geometry).
 TILE_PROPERTIES = tuple(c for c in TILE_COLUMNS if c != "polygon") + ("crs",)
@@ -54,13 +57,27 @@ def _signed_area(ring: list[list[float]]) -> float:
 
 
 def tile_features(records: Iterable[dict], all_tiles: bool) -> list[dict]:
-    """GeoJSON Polygon features of the georeferenced tiles, in WGS84."""
-    features = []
+    """GeoJSON Polygon features of the georeferenced tiles, in WGS84.
+
+    Tiles in a CRS that cannot be transformed to WGS84 (an engineering or unknown CRS) are left out
+    with one warning per CRS; they stay in the GeoPackage, CSV and JSONL output.
+    """
+    from pyproj.exceptions import CRSError, ProjError
+
+    features, refused = [], set()
     for tile, crs in georeferenced_tiles(records, all_tiles):
+        if crs in refused:
+            continue
+        try:
+            ring = wgs84_ring(tile["polygon"], crs)
+        except (CRSError, ProjError) as exc:
+            refused.add(crs)
+            log.warning("tiles in CRS %s left out of the GeoJSON: no transformation to WGS84 (%s)", crs, exc)
+            continue
         properties = {k: tile.get(k) for k in TILE_PROPERTIES if k != "crs"}
         properties["crs"] = crs
         features.append({"type": "Feature", "properties": properties,
-                         "geometry": {"type": "Polygon", "coordinates": [wgs84_ring(tile["polygon"], crs)]}})
+                         "geometry": {"type": "Polygon", "coordinates": [ring]}})
     return features
 
 

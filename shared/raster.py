@@ -208,7 +208,7 @@ def pixel_polygon(transform, box: Box) -> list[list[float]]:
 # -- the records of one window -----------------------------------------------------------------------
 def window_fields(prep: PreparedWindow, part: list[int] | None) -> dict:
     """Fields a window's partial record adds; the producer merges the parts of a raster into one record."""
-    return {"crs": prep.crs, "window": prep.window, "raster": part, "skipped_tiles": prep.skipped}
+    return {"crs": prep.crs, "window": prep.window, "raster": _ints(part, 2), "skipped_tiles": prep.skipped}
 
 
 def finish_window(prep: PreparedWindow, record: dict, tiles: list[dict], per_tile: bool,
@@ -226,7 +226,18 @@ def finish_window(prep: PreparedWindow, record: dict, tiles: list[dict], per_til
 
 def item_fields(item: dict) -> dict:
     """``window`` and ``raster`` of a window item (so even its error record is merged into its raster's)."""
-    return {"window": item["window"], "raster": item.get("raster")} if "window" in item else {}
+    if "window" not in item:
+        return {}
+    return {"window": _ints(item["window"], 4), "raster": _ints(item.get("raster"), 2)}
+
+
+def _ints(value, n: int) -> list[int] | None:
+    """``value`` as a list of ``n`` ints, or None: message fields copied into results are never arbitrary JSON."""
+    try:
+        out = [int(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
 
 
 def empty_window_record(path: str, prep: PreparedWindow, part, **context) -> dict:
