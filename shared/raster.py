@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,8 +70,10 @@ def is_raster_name(path: str) -> bool:
 def open_raster(path: str):
     """``rasterio.open`` for a local path or an ``s3://`` URL (range reads through s3fs, same credentials)."""
     import rasterio
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
+    # A raster without georeferencing is expected (pixel boxes): no warning per window on stderr.
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
         try:
             if storage.is_remote(path):

