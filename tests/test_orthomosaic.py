@@ -246,6 +246,8 @@ def test_crack_maps_of_rasters_come_from_a_reduced_read(ortho_job, tmp_path):
     crackq_cli("results", ortho_job.job_id, "--overlays", str(maps), "--output", str(tmp_path / "r.csv"),
                env=ortho_job.env)
     names = sorted(p.name for p in maps.iterdir())
-    assert len(names) == 4 and "ortho.jpg" in names and "no-crs.jpg" in names  # geo, s3, plain, damaged
+    # the raster on disk and in S3 (same name: the second gets a hash) and the one without CRS; the damaged
+    # raster cannot be read whole, even reduced: skipped with a warning, as an unreadable photo is
+    assert len(names) == 3 and {"ortho.jpg", "no-crs.jpg"} < set(names)
     with Image.open(maps / "ortho.jpg") as img:
         assert img.width == 1600  # the 2270 px raster, shrunk to the map size
