@@ -32,6 +32,8 @@ from shared.preprocessing import INPUT_SIZE, Box, ImageError, PreparedImage, til
 RASTER_EXTENSIONS = (".tif", ".tiff")
 #: A tile is classified only when at least this share of its pixels is valid (not nodata, not transparent).
 MIN_VALID_SHARE = 0.5
+#: GDAL block cache per worker process (MB) while a window is read.
+GDAL_CACHE_MB = 128
 #: Decimal places of map coordinates in tile polygons (1 µm in metres, ~0.1 m in degrees).
 COORD_DECIMALS = 6
 
@@ -74,7 +76,8 @@ def open_raster(path: str):
 
     # A raster without georeferencing is expected (pixel boxes): no warning per window on stderr.
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+    # GDAL's block cache defaults to 5 % of RAM per process; a window needs far less (memory stays bounded).
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", GDAL_CACHEMAX=GDAL_CACHE_MB):
         try:
             if storage.is_remote(path):
                 target = storage.parse(path)

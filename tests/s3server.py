@@ -69,7 +69,7 @@ class SeaweedS3:
             "s3.port", "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")}
         self.port = ports["s3.port"]
         args = [binary, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.workdir / 'data'}", "-s3",
-                f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=16",
+                f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
                 *(f"-{name}={port}" for name, port in ports.items())]
         log = open(self.workdir / "weed.log", "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -90,11 +90,11 @@ class SeaweedS3:
             raise AssertionError(f"weed exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         try:
             fs = self.filesystem()
-            for bucket in (BUCKET, LOCKED_BUCKET, OTHER_BUCKET):
+            for bucket in (BUCKET, LOCKED_BUCKET, OTHER_BUCKET):  # each bucket's volumes exist once written
                 if not fs.exists(bucket):
                     fs.mkdir(bucket)
-            fs.pipe(f"{BUCKET}/.ready", b"ok")
-            return fs.cat(f"{BUCKET}/.ready") == b"ok"
+                fs.pipe(f"{bucket}/.ready", b"ok")
+            return all(fs.cat(f"{b}/.ready") == b"ok" for b in (BUCKET, LOCKED_BUCKET, OTHER_BUCKET))
         except Exception:  # noqa: BLE001 - not up yet: keep polling until the deadline
             return False
 
