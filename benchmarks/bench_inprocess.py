@@ -49,7 +49,8 @@ def _serve(conn, config: WorkerConfig, data_roots: list[str]) -> None:
 
     settings = config.settings(data_roots)
     classifier = load_classifier(settings)
-    runner = ChunkRunner(classifier, settings, f"bench:{os.getpid()}", DomainScorer.load(classifier.info.directory))
+    runner = ChunkRunner(classifier, settings, f"bench:{os.getpid()}",
+                         DomainScorer.load(classifier.info.directory, classifier.served.precision))
     options = ChunkOptions(threshold=settings.threshold, tile_size=settings.tile_size,
                            tile_overlap=settings.tile_overlap)
     decoded = np.zeros((0, classifier.info.input_size, classifier.info.input_size, 3), np.uint8)

@@ -55,6 +55,7 @@ class WorkerConfig:
     decode_threads: int
     backend: str
     model: str
+    precision: str = "fp32"
 
     @classmethod
     def resolve(cls, settings: Settings, processes: int, threads: int | None) -> "WorkerConfig":
@@ -66,25 +67,29 @@ class WorkerConfig:
         if not threads:
             _, env = plan(settings.replace(threads=0), processes, 0)
             threads = int(env.get(ENV_PREFIX + "THREADS", "1"))
+        from worker.inference import resolve_precision
+
+        precision = resolve_precision(settings)[0] if settings.backend == "onnx" else "fp32"
         return cls(processes=processes, threads=threads, batch_size=settings.batch_size,
                    chunk_size=settings.chunk_size, decode_threads=settings.decode_threads,
-                   backend=settings.backend, model=os.path.abspath(settings.model))
+                   backend=settings.backend, model=os.path.abspath(settings.model), precision=precision)
 
     def settings(self, data_roots: list[str]) -> Settings:
         """The settings one worker process of this configuration runs with."""
-        return Settings.load(model=self.model, backend=self.backend, threads=self.threads,
+        return Settings.load(model=self.model, backend=self.backend, precision=self.precision, threads=self.threads,
                              batch_size=self.batch_size, chunk_size=self.chunk_size,
                              decode_threads=self.decode_threads, data_roots=os.pathsep.join(data_roots))
 
     def worker_env(self) -> dict[str, str]:
         """Environment of `crackq worker` processes with this configuration."""
         return {ENV_PREFIX + "MODEL": self.model, ENV_PREFIX + "BACKEND": self.backend,
+                ENV_PREFIX + "PRECISION": self.precision,
                 ENV_PREFIX + "THREADS": str(self.threads), ENV_PREFIX + "BATCH_SIZE": str(self.batch_size),
                 ENV_PREFIX + "DECODE_THREADS": str(self.decode_threads), "PYTHONUNBUFFERED": "1"}
 
     def label(self) -> str:
         return (f"{self.processes} process(es) x {self.threads} inference thread(s), batch {self.batch_size}, "
-                f"chunk {self.chunk_size}, {self.decode_threads} decode thread(s), {self.backend}")
+                f"chunk {self.chunk_size}, {self.decode_threads} decode thread(s), {self.backend} {self.precision}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/throughput.py                 # `make bench`
     .venv/bin/python benchmarks/throughput.py --scaling       # + 1 vs 2 worker processes, 1 thread each
     .venv/bin/python benchmarks/throughput.py --json          # machine-readable (table goes to stderr)
+    .venv/bin/python -m benchmarks.throughput --photos 0 --precision fp32 --no-fp32   # the FP32 path alone
 
 On N real images (default 2,000 from ../shared/data/concrete, balanced over
 its class folders, seeded) it measures, each repeated ``--repeats`` times in
@@ -20,6 +21,14 @@ all of them alike) and reports medians:
     processes (what ``crackq run`` starts), from submit to the last result
     read back; start-up timed separately and reported both ways.
 
+(b), (c) and (d) run in INT8 and in FP32 side by side (issue 15) when the
+model has a servable INT8 export (``crackq export --int8``), whether or not
+INT8 is the workers' default; ``d/b_fp32`` is the service in INT8 against the
+in-process FP32 loop.  ``--photos N`` 4000×3000 photos made of real held-out
+patches go through each precision's service too (MP/s), and the held-out test
+split through each service gives its accuracy (``--no-accuracy`` to skip).
+Every rate is also given per core.
+
 Then: ratios d/b (queue cost), d/a, b/c (decode cost); peak RSS per worker
 process; single-image latency (submit -> result, warm worker, median).
 Targets are printed next to the figures; nothing here asserts a timing.
@@ -32,6 +41,9 @@ import json
 import os
 import statistics
 import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import psutil
 
@@ -46,7 +58,8 @@ from producer.embedded import data_roots_for  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.contract import make_items  # noqa: E402
 
-TARGETS = {"d/b": 0.90, "d/a": 20.0, "scaling": 1.8, "scaling_pinned": 1.8, "latency_ms": 250.0}
+TARGETS = {"d/b": 0.90, "d/a": 20.0, "scaling": 1.8, "scaling_pinned": 1.8, "latency_ms": 250.0,
+           "d/b_fp32": 1.5, "photos/photos_fp32": 1.5}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +84,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Also run the service with 1 and with 2 worker processes, 1 inference thread each: "
                         "as started by `crackq run`, and pinned to one core per process.")
     p.add_argument("--skip-naive", action="store_true", help="Leave out (a) (tuning runs).")
+    p.add_argument("--precision", choices=["int8", "fp32"], default=None,
+                   help="Precision of (b), (c), (d) (default: as workers pick it: int8 on CPU when the gated INT8 "
+                        "model is there). When it is int8, (b), (c), (d) are also measured in fp32, side by side.")
+    p.add_argument("--no-fp32", action="store_true", help="Do not measure the fp32 side by side.")
+    p.add_argument("--photos", type=int, default=3,
+                   help="4000x3000 photos (made from real test-split patches) measured through the service, "
+                        "in MP/s, per precision (0: none; default 3).")
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="Accuracy of every precision's service on the model's held-out test split (default on).")
     p.add_argument("--json", action="store_true", help="Print the results as JSON on stdout (table on stderr).")
     return p.parse_args(argv)
 
@@ -86,6 +108,18 @@ def default_workers(settings: Settings) -> int:
     return default_local_workers(settings)
 
 
+def _default_precision(settings: Settings) -> str:
+    from worker.inference import resolve_precision
+
+    return resolve_precision(settings)[0] if settings.backend == "onnx" else "fp32"
+
+
+def _int8_servable(model: str) -> bool:
+    from worker.inference import int8_problem
+
+    return int8_problem(model) is None
+
+
 def median_rate(n: int, seconds: list[float]) -> float:
     return n / statistics.median(seconds)
 
@@ -95,7 +129,10 @@ def main(argv=None) -> dict:
     if args.repeats < 1 or args.latency_n < 1:
         raise SystemExit("--repeats and --latency-n must be at least 1")
     settings = Settings.load(backend=args.backend, model=args.model, batch_size=args.batch_size,
-                             chunk_size=args.chunk_size, decode_threads=args.decode_threads)
+                             chunk_size=args.chunk_size, decode_threads=args.decode_threads, precision=args.precision)
+    default_precision = _default_precision(settings)
+    if args.precision is None and settings.backend == "onnx" and _int8_servable(settings.model):
+        settings = settings.replace(precision="int8")  # INT8 measured (beside FP32) whether or not it is the default
     config = WorkerConfig.resolve(settings, args.workers or default_workers(settings), args.threads)
     folder = os.path.normpath(os.path.abspath(args.folder))
     paths = sample_images(folder, args.n, args.seed)
@@ -103,20 +140,29 @@ def main(argv=None) -> dict:
     roots = data_roots_for(paths)
     chunks = plan_chunks(make_items(paths), config.chunk_size)
     report = {"images": len(paths), "folder": folder, "seed": args.seed, "repeats": args.repeats,
-              "config": config.to_dict(), "machine": machine(), "load_before": load_average()}
+              "config": config.to_dict(), "machine": machine(), "load_before": load_average(),
+              "default_precision": default_precision}
     say(f"{len(paths)} images from {folder}; {config.label()}; load {report['load_before']}")
 
+    # Side by side: the same measurements in FP32 when the main precision is INT8 (keys suffixed ":fp32").
+    side = {} if args.no_fp32 or config.precision == "fp32" else {":fp32": replace(config, precision="fp32")}
+    report["precisions"] = {"": config.precision, **{k: c.precision for k, c in side.items()}}
+    photos_dir = tempfile.TemporaryDirectory(prefix="crackq-bench-photos-") if args.photos else None
+    photos = _make_photos(Path(photos_dir.name), args.photos, folder) if photos_dir else []
+    roots = data_roots_for(paths + [str(p) for p in photos])
     services: dict[str, EmbeddedService] = {}
-    ceiling = naive = None
+    ceilings: dict[str, CeilingPool] = {}
+    naive = None
     try:
         say("setting up: naive Keras model, ceiling processes, service (private Redis + workers) ...")
         from worker.inference import ModelInfo
 
         size = ModelInfo.from_model_path(config.model).input_size
         naive = None if args.skip_naive else _naive_loop(config.model, size)
-        ceiling = CeilingPool(config, roots)
-        ceiling.predecode(paths)
-        services["d"] = _start_service(config, roots, paths)
+        for suffix, cfg in {"": config, **side}.items():
+            ceilings[suffix] = CeilingPool(cfg, roots)
+            ceilings[suffix].predecode(paths)
+            services["d" + suffix] = _start_service(cfg, roots, paths)
         aliases: dict[str, str] = {}  # a scaling configuration that is the main one is measured once
         if args.scaling:
             for name, procs, pin in (("scale1", 1, False), ("scale2", 2, False), ("pinned1", 1, True),
@@ -126,12 +172,17 @@ def main(argv=None) -> dict:
                     aliases[name] = "d"
                 else:
                     services[name] = _start_service(scaled, roots, paths, "pinned" if pin else "pool")
-        seconds, cpu = _measure(args, naive, naive_paths, ceiling, chunks, services, paths)
+        seconds, cpu = _measure(args, naive, naive_paths, ceilings, chunks, services, paths, photos)
         latencies = [services["d"].latency(p) for p in paths[:args.latency_n]]
+        if args.accuracy:
+            report["accuracy"] = _accuracy(services, config.model, folder)
     finally:
         rss = {name: service.close() for name, service in services.items()}
-        if ceiling:
-            ceiling.close()
+        for pool in ceilings.values():
+            pool.close()
+        if photos_dir:
+            photos_dir.cleanup()
+    report["photos"] = {"n": len(photos), "megapixels": len(photos) * 12.0}
     for name, same in aliases.items():
         seconds[name], cpu[name], services[name] = seconds[same], cpu[same], services[same]
     report["naive_images"] = len(naive_paths) if naive else 0
@@ -162,14 +213,43 @@ def _start_service(config: WorkerConfig, roots: list[str], paths: list[str], lay
     return service
 
 
-def _measure(args, naive, naive_paths, ceiling, chunks, services, paths) -> tuple[dict, dict]:
+def _make_photos(folder: Path, n: int, concrete: str) -> list[Path]:
+    """``n`` 4000x3000 JPEGs made of real held-out patches (as benchmarks/bigphotos.py makes them)."""
+    from bigphotos import make_photos  # benchmarks/ is on sys.path (above)
+
+    say(f"making {n} 4000x3000 photos from real patches ...")
+    return make_photos(folder, n, Path(concrete))[0]
+
+
+def _accuracy(services: dict, model: str, folder: str) -> dict:
+    """Accuracy of each precision's service on the model's held-out TEST split (and FP32/INT8 agreement)."""
+    split = Path(model).with_name("split.json")
+    if not split.exists():
+        return {}
+    files = json.loads(split.read_text())["files"]["test"]
+    paths = [os.path.join(folder, f) for f in files]
+    truth = {p: f.startswith("Positive/") for p, f in zip(paths, files)}
+    out, crack = {}, {}
+    for name in [k for k in services if k == "d" or k.startswith("d:")]:
+        records = services[name].run_job(paths)[1]
+        crack[name] = {r["path"]: r["label"] == "crack" for r in records}
+        out[name] = {"n": len(records), "accuracy": sum(crack[name][p] == truth[p] for p in paths) / len(paths)}
+    if "d:fp32" in crack:
+        out["label_agreement"] = sum(crack["d"][p] == crack["d:fp32"][p] for p in paths) / len(paths)
+        out["points"] = 100 * (out["d"]["accuracy"] - out["d:fp32"]["accuracy"])
+    return out
+
+
+def _measure(args, naive, naive_paths, ceilings, chunks, services, paths, photos) -> tuple[dict, dict]:
     """Every measurement once per round, rounds repeated: noise from other load hits all alike.
 
     Besides wall seconds, the CPU seconds (user + system, all threads) of the
     processes doing the work: CPU per image is the cost that limits throughput
     (cores / CPU per image) and is much less disturbed by other load.
     """
-    seconds: dict[str, list[float]] = {k: [] for k in ("a", "b", "c", *services)}
+    keys = ["a"] + [f"{m}{suffix}" for suffix in ceilings for m in ("b", "c")] + list(services)
+    keys += [f"photos{k[1:]}" for k in services if photos and (k == "d" or k.startswith("d:"))]
+    seconds: dict[str, list[float]] = {k: [] for k in keys}
     cpu: dict[str, list[float]] = {k: [] for k in seconds}
     me = psutil.Process()
 
@@ -181,19 +261,29 @@ def _measure(args, naive, naive_paths, ceiling, chunks, services, paths) -> tupl
     for round_ in range(args.repeats):
         if naive:
             timed("a", len(naive_paths), lambda: naive.run(naive_paths), lambda: sum(me.cpu_times()[:2]))
-        timed("b", len(paths), lambda: ceiling.run_chunks(chunks), ceiling.cpu_seconds)
-        timed("c", len(paths), ceiling.run_model, ceiling.cpu_seconds)
+        for suffix, ceiling in ceilings.items():
+            timed("b" + suffix, len(paths), lambda: ceiling.run_chunks(chunks), ceiling.cpu_seconds)
+            timed("c" + suffix, len(paths), ceiling.run_model, ceiling.cpu_seconds)
         for name, service in services.items():
             timed(name, len(paths), lambda: service.run_job(paths)[0], service.cpu_seconds)
+        for name in [k for k in seconds if k.startswith("photos")]:
+            service = services["d" + name[len("photos"):]]
+            timed(name, len(photos), lambda: service.run_job([str(p) for p in photos])[0], service.cpu_seconds)
         say(f"  round {round_ + 1}/{args.repeats}: " + ", ".join(
-            f"{k} {(len(naive_paths) if k == 'a' else len(paths)) / v[-1]:.1f}" for k, v in seconds.items() if v)
-            + " img/s")
+            f"{k} {_count(k, naive_paths, paths, photos) / v[-1]:.1f}" for k, v in seconds.items() if v)
+            + " img/s (photos: photos/s)")
     return seconds, cpu
+
+
+def _count(key: str, naive_paths, paths, photos) -> int:
+    return len(naive_paths) if key == "a" else len(photos) if key.startswith("photos") else len(paths)
 
 
 def _results(args, report, seconds, latencies, services, rss, paths, naive_paths) -> dict:
     n = len(paths)
-    rates = {k: median_rate(len(naive_paths) if k == "a" else n, v) for k, v in seconds.items() if v}
+    n_photos = report.get("photos", {}).get("n", 0)
+    rates = {k: median_rate(len(naive_paths) if k == "a" else n_photos if k.startswith("photos") else n, v)
+             for k, v in seconds.items() if v}
     d = services["d"]
     run_seconds = statistics.median(seconds["d"])
     out = {
@@ -207,6 +297,14 @@ def _results(args, report, seconds, latencies, services, rss, paths, naive_paths
     }
     if "a" in rates:
         out["ratios"]["d/a"] = rates["d"] / rates["a"]
+    if "b:fp32" in rates:
+        out["ratios"]["d/b_fp32"] = rates["d"] / rates["b:fp32"]
+        out["ratios"]["c/c_fp32"] = rates["c"] / rates["c:fp32"]
+        out["ratios"]["d/d_fp32"] = rates["d"] / rates["d:fp32"]
+    if "photos:fp32" in rates:
+        out["ratios"]["photos/photos_fp32"] = rates["photos"] / rates["photos:fp32"]
+    if "photos" in rates:
+        out["megapixels_per_s"] = {k: round(v * 12.0, 2) for k, v in rates.items() if k.startswith("photos")}
     if "scale1" in rates:
         out["ratios"]["scaling"] = rates["scale2"] / rates["scale1"]
         out["ratios"]["scaling_pinned"] = rates["pinned2"] / rates["pinned1"]
@@ -227,37 +325,62 @@ def _met(out: dict, key: str, target: float) -> bool:
 
 def format_table(r: dict) -> str:
     rate, cpu, m, cfg = r["img_per_s"], r.get("cpu_ms_per_image", {}), r["machine"], r["config"]
+    cores = m["nproc"] or 1
+    main_p = r["precisions"][""]
 
-    def row(label: str, value: float, key: str | None = None) -> str:
+    def row(label: str, key: str | None, value: float | None = None, used: int | None = None) -> str:
+        value = rate[key] if value is None else value
+        per_core = value / min(cores, used or cfg["processes"] * cfg["threads"])
         per_image = f"{cpu[key]:>10.2f}" if key in cpu else " " * 10
-        return f"{label:<64}{value:>9.1f}{per_image}"
+        return f"{label:<70}{value:>9.1f}{per_core:>10.1f}{per_image}"
 
     lines = [
         f"crackq throughput: {r['images']} images from {r['folder']} (seed {r['seed']}), "
         f"median of {r['repeats']} round(s)",
         f"machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; "
-        f"load average before {r['load_before']}, after {r['load_after']}",
+        f"load average before {r['load_before']}, after {r['load_after']} (shared machine: compare ratios)",
         f"config: {cfg['processes']} worker process(es) x {cfg['threads']} inference thread(s), "
         f"batch {cfg['batch_size']}, chunk {cfg['chunk_size']}, decode threads {cfg['decode_threads']}, "
-        f"backend {cfg['backend']}, model {os.path.basename(cfg['model'])}",
+        f"backend {cfg['backend']}, model {os.path.basename(cfg['model'])}; precision CPU workers pick by "
+        f"default: {r.get('default_precision')}",
         "",
-        f"{'measurement':<64}{'img/s':>9}{'CPU ms/img':>11}",
+        f"{'measurement':<70}{'img/s':>9}{'img/s/core':>10}{'CPU ms/img':>11}",
     ]
     if "a" in rate:
         lines.append(row(f"(a) naive: decode + Keras model.predict per image ({r['naive_images']} images)",
-                         rate["a"], "a"))
-    lines += [
-        row("(b) in-process ceiling: worker decode + batched inference", rate["b"], "b"),
-        row("(c) model only, pre-decoded batches", rate["c"], "c"),
-        row("(d) service: submit -> last result (warm workers)", rate["d"], "d"),
-        row(f"    same, including start-up ({r['startup_seconds']['d']:.1f} s: Redis + workers)",
-            r["service_incl_startup_img_per_s"]),
-    ]
+                         "a", used=cores))
+    for suffix, precision in r["precisions"].items():
+        lines += [
+            row(f"(b) {precision}: in-process ceiling: worker decode + batched inference", "b" + suffix),
+            row(f"(c) {precision}: model only, pre-decoded batches", "c" + suffix),
+            row(f"(d) {precision}: service: submit -> last result (warm workers)", "d" + suffix),
+        ]
+    lines.append(row(f"    ({main_p}) same, including start-up ({r['startup_seconds']['d']:.1f} s: Redis + workers)",
+                     None, r["service_incl_startup_img_per_s"]))
     if "scale1" in rate:
-        lines += [row("(d) 1 worker process x 1 inference thread", rate["scale1"], "scale1"),
-                  row("(d) 2 worker processes x 1 inference thread", rate["scale2"], "scale2"),
-                  row("(d) 1 worker process pinned to 1 core", rate["pinned1"], "pinned1"),
-                  row("(d) 2 worker processes pinned to 1 core each", rate["pinned2"], "pinned2")]
+        lines += [row(f"(d) {main_p}: 1 worker process x 1 inference thread", "scale1", used=1),
+                  row(f"(d) {main_p}: 2 worker processes x 1 inference thread", "scale2", used=2),
+                  row(f"(d) {main_p}: 1 worker process pinned to 1 core", "pinned1", used=1),
+                  row(f"(d) {main_p}: 2 worker processes pinned to 1 core each", "pinned2", used=2)]
+    if r.get("megapixels_per_s"):
+        lines += ["", f"4000x3000 photos ({r['photos']['n']} per round, made of real held-out patches), "
+                      "through the service:",
+                  f"{'':<70}{'MP/s':>9}{'MP/s/core':>10}{'CPU ms/MP':>11}"]
+        for suffix, precision in r["precisions"].items():
+            key = "photos" + suffix
+            if key in r["megapixels_per_s"]:
+                mp = r["megapixels_per_s"][key]
+                per_mp = f"{cpu[key] / 12.0:>11.1f}" if key in cpu else ""
+                lines.append(f"{'(d) ' + precision + ': photos, 252 tiles each':<70}{mp:>9.2f}"
+                             f"{mp / min(cores, cfg['processes']):>10.2f}{per_mp}")
+    acc = r.get("accuracy") or {}
+    if acc:
+        lines += ["", "held-out accuracy (test split of the model, through the service): " + ", ".join(
+            f"{r['precisions'][k[1:]]} {100 * v['accuracy']:.2f} % (n {v['n']})"
+            for k, v in acc.items() if isinstance(v, dict))]
+        if "points" in acc:
+            lines.append(f"  {main_p} - fp32: {acc['points']:+.2f} points; same label on "
+                         f"{100 * acc['label_agreement']:.2f} % of the images")
     lines += ["", "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()),
               f"single-image latency (warm): median {r['latency_ms']['median']:.0f} ms "
               f"(of {len(r['latency_ms']['all'])})",
@@ -267,7 +390,7 @@ def format_table(r: dict) -> str:
               "", "targets:"]
     for key, t in r["targets"].items():
         op = "<" if key == "latency_ms" else ">="
-        lines.append(f"  {key:<15} {t['measured']:>8} {op} {t['target']:<6} {'met' if t['met'] else 'MISSED'}")
+        lines.append(f"  {key:<19} {t['measured']:>8} {op} {t['target']:<6} {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
 
 

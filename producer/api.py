@@ -15,14 +15,16 @@ by name with the arguments :mod:`shared.contract` defines.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from typing import Callable, Iterator
 
 from shared.config import Settings
-from shared.connections import connect
+from shared.connections import connect, is_busy
 from shared.contract import TASK_NAME, ChunkOptions
+from shared.leases import recover_with
 from shared.queue import make_celery
 from shared.store import JobStatus, JobStore, new_job_id
 
@@ -31,20 +33,28 @@ from producer.rasters import assemble, item_weight, plan_items
 from shared.storage import size_hint
 # ---- end issue 12
 
+log = logging.getLogger(__name__)
+
+#: Backoff (s) between tries of a chunk that Redis refused for a while (out of memory, read-only, MISCONF).
+PUBLISH_BACKOFF = (0.5, 1, 2, 4, 8, 15, 30)
+
 #: A file this big counts as several images when chunks are planned (big drone photos are tiled).
 BYTES_PER_UNIT = 256 * 1024
 
 
 class Client:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, model_threshold: bool | None = None):
         self.settings = settings
+        # issue 11: a job that sets no threshold lets each worker use its model card's (crackq adapt).
+        self.model_threshold = (_threshold_unset(settings) if model_threshold is None else model_threshold)
         self.redis = connect(settings.effective_redis_url, retry_seconds=settings.redis_retry_seconds)
         self.store = JobStore(self.redis, settings.result_ttl)
         self._celery = None
 
     @classmethod
     def from_settings(cls, **overrides) -> "Client":
-        return cls(Settings.load(**overrides))
+        return cls(Settings.load(**overrides),
+                   model_threshold=overrides.get("threshold") is None and not os.environ.get("CRACKQ_THRESHOLD"))
 
     @property
     def celery(self):
@@ -53,28 +63,80 @@ class Client:
         return self._celery
 
     def options(self, **changes) -> ChunkOptions:
+        """The job's options from the settings and ``changes``, checked (:class:`InvalidOptions`)."""
         s = self.settings
-        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap)
-        return ChunkOptions(**{**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
+                            model_threshold=self.model_threshold and changes.get("threshold") is None)
+        merged = {**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
+        return ChunkOptions.from_dict(merged)
 
-    def submit(self, paths: list[str], options: ChunkOptions | None = None, chunk_size: int | None = None) -> str:
-        """Queue ``paths`` (absolute) as one job; returns its id."""
+    def submit(self, paths: list[str], options: ChunkOptions | None = None, chunk_size: int | None = None,
+               on_created: Callable[[str, int], None] | None = None) -> str:
+        """Queue ``paths`` (absolute) as one job; returns its id.
+
+        The job is visible as ``submitting`` until its last chunk is queued
+        (``on_created(job_id, chunks)`` is called as soon as it exists, so a
+        caller can show the id first).  If queueing is interrupted (Ctrl-C,
+        Redis gone for good), the job is removed: workers drop the chunks
+        already queued, and no ``queued`` job is left that could never finish.
+        """
         if not paths:
             raise ValueError("no images to submit")
         options = options or self.options()
         items = plan_items(paths, options, self.settings.raster_window)  # issue 12: one item per raster window
         chunks = plan_chunks(items, chunk_size or self.settings.chunk_size)
         job_id = new_job_id()
-        self.store.create(job_id, total=len(items), chunks=len(chunks), options=options.to_dict(),
-                          model=os.path.basename(self.settings.model))
-        with self.celery.producer_or_acquire() as producer:
-            for chunk in chunks:
-                self.celery.send_task(TASK_NAME, args=[job_id, chunk, options.to_dict()],
-                                      queue=self.settings.queue, producer=producer)
+        self._retry_busy(lambda: self.store.create(
+            job_id, total=len(items), chunks=len(chunks), options=options.to_dict(),
+            model=os.path.basename(self.settings.model), state="submitting"))
+        try:
+            if on_created:
+                on_created(job_id, len(chunks))
+            with self.celery.producer_or_acquire() as producer:
+                for chunk in chunks:
+                    self._retry_busy(lambda: self.celery.send_task(
+                        TASK_NAME, args=[job_id, chunk, options.to_dict()], queue=self.settings.queue,
+                        producer=producer))
+            self._retry_busy(lambda: self.store.mark_queued(job_id))
+        except BaseException:
+            self._remove_unfinished(job_id)
+            raise
         return job_id
 
-    def status(self, job_id: str) -> JobStatus:
+    def _remove_unfinished(self, job_id: str) -> None:
+        try:
+            self.store.delete(job_id)
+        except Exception as exc:  # noqa: BLE001 - Redis gone: the job stays 'submitting' and expires
+            log.warning("could not remove the unfinished job %s: %s", job_id, exc)
+
+    @staticmethod
+    def _retry_busy(call):
+        """``call()``, retried with backoff while Redis refuses writes for a while (OOM, READONLY, MISCONF)."""
+        for pause in (*PUBLISH_BACKOFF, None):
+            try:
+                return call()
+            except Exception as exc:  # redis-py's ResponseError, or kombu's OperationalError around it
+                if pause is None or not is_busy(exc):
+                    raise
+                log.warning("Redis refused a write (%s); retrying in %gs", exc, pause)
+                time.sleep(pause)
+
+    def status(self, job_id: str, recover: bool = False) -> JobStatus:
+        """The job's status; with ``recover``, chunks of lost workers are put back first (:meth:`recover`)."""
+        if recover:
+            self.recover()
         return self.store.status(job_id)
+
+    def recover(self) -> list[str]:
+        """Put back on the queue the chunks whose worker stopped renewing its lease (:mod:`shared.leases`).
+
+        Never fails: recovery is a help, the job's status must be readable without it.
+        """
+        try:
+            return recover_with(self.celery, self.settings.queue, self.settings.lease_seconds)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("lease recovery skipped: %s: %s", type(exc).__name__, exc)
+            return []
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2,
              on_progress: Callable[[JobStatus], None] | None = None) -> JobStatus:
@@ -87,7 +149,11 @@ class Client:
         """
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+        next_recovery = started + self.settings.lease_seconds / 2
         while True:
+            if time.monotonic() >= next_recovery:  # a job must not wait on a dead worker, idle workers or not
+                self.recover()
+                next_recovery = time.monotonic() + self.settings.lease_seconds / 2
             status = self.status(job_id)
             if on_progress:
                 on_progress(status)
@@ -105,6 +171,12 @@ class Client:
 
     def cancel(self, job_id: str) -> JobStatus:
         return self.store.cancel(job_id)
+
+
+def _threshold_unset(settings: Settings) -> bool:
+    """No CRACKQ_THRESHOLD and the default value (a Settings built in code with --threshold 0.5 counts as unset)."""
+    default = Settings.__dataclass_fields__["threshold"].default
+    return not os.environ.get("CRACKQ_THRESHOLD") and settings.threshold == default
 
 
 def poll_interval(done: int, total: int, elapsed: float, longest: float, shortest: float = 0.005) -> float:

@@ -20,6 +20,7 @@ COMMANDS = {
     "cancel": "producer.commands:cancel",
     "run": "producer.commands:run",
     "settings": "producer.commands:settings",
+    "dead-letters": "producer.commands:dead_letters",
     "samples": "producer.samples:samples",
     "worker": "worker.cli:worker",
     "train": "training.cli:train",
@@ -27,6 +28,8 @@ COMMANDS = {
     "export": "training.cli:export",
     "domain-fit": "training.domain_fit:domain_fit",
     "tiles": "producer.tiles_cli:tiles",
+    "label": "producer.label_cli:label",
+    "adapt": "training.adapt_cli:adapt",
 }
 
 

@@ -1,4 +1,4 @@
-"""Producer commands: submit, status, wait, results, cancel, run, settings.
+"""Producer commands: submit, status, wait, results, cancel, run, settings, dead-letters.
 
 Exit codes: 0 success; 1 the job ended failed or cancelled; 2 bad input
 (nothing found, unknown job, unreachable Redis, wrong password); 3 ``wait``
@@ -17,10 +17,10 @@ import click
 
 from producer.api import Client
 from producer.discover import discover
-from producer.formats import FORMATS, MAP_FORMATS, PER_TILE_COLUMNS, format_for, write
+from producer.formats import FORMATS, MAP_FORMATS, PER_TILE_COLUMNS, format_for, open_results_file, write
 from shared.config import Settings, describe
 from shared.connections import RedisUnavailable, mask_url
-from shared.contract import RESULT_COLUMNS
+from shared.contract import MIN_TILE_SIZE, RESULT_COLUMNS, check_threshold, check_tiling
 from shared.storage import StorageError
 from shared.store import UnknownJob
 
@@ -69,10 +69,26 @@ def _find_images(paths, recursive: bool) -> list[str]:
     return found.paths
 
 
+def _checked(check):
+    """A click callback running a check of :mod:`shared.contract` on one option: exit 2 with its reason."""
+    def callback(ctx, param, value):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        return value
+    return callback
+
+
 def tiling_options(f):
-    f = click.option("--threshold", type=float, default=None, help="Crack probability threshold (default 0.5).")(f)
-    f = click.option("--tile-size", type=int, default=None, help="Tile size in px for large images (0: no tiling).")(f)
-    f = click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in px.")(f)
+    f = click.option("--threshold", type=float, default=None, callback=_checked(check_threshold),
+                     help="Crack probability threshold, 0 to 1 (default 0.5).")(f)
+    f = click.option("--tile-size", type=int, default=None, callback=_checked(lambda v: check_tiling(v, 0)),
+                     help=f"Tile size in px for large images (0: no tiling; else at least {MIN_TILE_SIZE}).")(f)
+    f = click.option("--tile-overlap", type=int, default=None,
+                     callback=_checked(lambda v: check_tiling(MIN_TILE_SIZE + max(0, v), v)),
+                     help="Overlap between tiles in px (0 up to the tile size, excluded).")(f)
     f = click.option("--per-tile", is_flag=True, help="Also store one record per tile (pixel box, probability).")(f)
     return f
 
@@ -88,8 +104,19 @@ def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_
     """Queue images (files, folders, glob patterns) as one job; print its id."""
     images = _find_images(paths, recursive=not no_recursive)
     client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap)
-    options = client.options(per_tile=per_tile or None)
-    job_id = client.submit(images, options, chunk_size=chunk_size)
+    options = _options(client, per_tile=per_tile or None)
+    created = []
+
+    def announce(job_id: str, chunks: int) -> None:  # the id first, on stderr: stdout stays the bare id
+        created.append(job_id)
+        click.echo(f"job {job_id}: queueing {len(images)} image(s) in {chunks} chunk(s)", err=True)
+
+    try:
+        job_id = client.submit(images, options, chunk_size=chunk_size, on_created=announce)
+    except KeyboardInterrupt:
+        if created:
+            click.echo(f"interrupted: job {created[0]} removed (its queued chunks are dropped)", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps({"job_id": job_id, "images": len(images), "options": options.to_dict(),
                                "redis": mask_url(client.settings.effective_redis_url)}))
@@ -97,14 +124,21 @@ def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_
         click.echo(job_id)
 
 
+def _options(client: Client, **changes):
+    try:
+        return client.options(**changes)
+    except ValueError as exc:
+        raise InputError(f"bad option: {exc}") from None
+
+
 @click.command()
 @click.argument("job")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @redis_option
 def status(job, as_json, redis_url):
-    """Show a job's progress."""
+    """Show a job's progress (chunks of lost workers are put back on the queue first)."""
     with _job_errors():
-        st = _client(redis_url).status(job)
+        st = _client(redis_url).status(job, recover=True)
     if as_json:
         click.echo(json.dumps(st.to_dict()))
     else:
@@ -215,8 +249,10 @@ def _write_results(records, fmt: str, output: str | None, per_tile: bool) -> int
 
         return write_gpkg(records, _fresh(output), all_tiles=per_tile)
     if output:
-        with open(output, "w", newline="", encoding="utf-8") as fh:
+        with open_results_file(output) as fh:
             return write(records, fh, fmt, columns, all_tiles=per_tile)
+    # File names that are not UTF-8 are written as their original bytes (docs/reliability.md).
+    sys.stdout.reconfigure(errors="surrogateescape")
     return write(records, sys.stdout, fmt, columns, all_tiles=per_tile)
 
 
@@ -256,11 +292,16 @@ def run(paths, out, fmt, workers, chunk_size, no_recursive, timeout, overlays, t
     from producer.runner import run_job
 
     images = _find_images(paths, recursive=not no_recursive)
-    settings = Settings.load(redis_url=redis_url, threshold=threshold, tile_size=tile_size,
-                             tile_overlap=tile_overlap, chunk_size=chunk_size)
+    try:
+        settings = Settings.load(redis_url=redis_url, threshold=threshold, tile_size=tile_size,
+                                 tile_overlap=tile_overlap, chunk_size=chunk_size)
+    except ValueError as exc:
+        raise InputError(f"bad setting: {exc}") from None
     try:
         summary = run_job(images, settings, out=out, fmt=format_for(out, fmt), workers=workers,
-                          per_tile=per_tile, timeout=timeout, overlays=overlays, progress=_wait_with_progress)
+                          per_tile=per_tile, timeout=timeout, overlays=overlays, progress=_wait_with_progress,
+                          on_created=lambda job_id, chunks: click.echo(
+                              f"job {job_id}: queueing {len(images)} image(s) in {chunks} chunk(s)", err=True))
     except RedisUnavailable as exc:
         raise InputError(str(exc)) from None
     except KeyboardInterrupt:
@@ -291,3 +332,26 @@ def settings():
         click.echo(f"{env}={default}\n    {help_text}")
     if os.environ.get("CRACKQ_REDIS_URL"):
         click.echo(f"\ncurrent CRACKQ_REDIS_URL: {mask_url(os.environ['CRACKQ_REDIS_URL'])}")
+
+
+@click.command(name="dead-letters")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Newest entries to show.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--clear", is_flag=True, help="Remove every dead letter after showing them.")
+@redis_option
+def dead_letters(limit, as_json, clear, redis_url):
+    """Show messages workers refused (not JSON, malformed, not a crackq task), newest first."""
+    with _job_errors():
+        client = _client(redis_url)
+        letters = client.store.dead_letters(limit)
+        for letter in letters:
+            if as_json:
+                click.echo(json.dumps(letter))
+            else:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(letter.get("at", 0)))
+                click.echo(f"{when}Z  {letter.get('queue', '')}  {letter.get('reason', '')}\n"
+                           f"    {str(letter.get('message', ''))[:300]}")
+        if clear:
+            click.echo(f"removed {client.store.clear_dead_letters()} dead letter(s)", err=True)
+        elif not letters:
+            click.echo("no dead letters", err=True)

@@ -11,7 +11,7 @@ from collections import Counter
 
 from producer.api import Client
 from producer.embedded import data_roots_for, local_workers, private_redis
-from producer.formats import MAP_FORMATS, PER_TILE_COLUMNS, write
+from producer.formats import MAP_FORMATS, PER_TILE_COLUMNS, open_results_file, write
 from shared.config import Settings
 from shared.contract import RESULT_COLUMNS
 from shared.storage import roots_for
@@ -19,7 +19,7 @@ from shared.storage import roots_for
 
 def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv", workers: int | None = None,
             per_tile: bool = False, timeout: float | None = None, overlays: str | None = None,
-            progress=None, worker_env: dict | None = None) -> dict:
+            progress=None, worker_env: dict | None = None, on_created=None) -> dict:
     """Run one job to completion and write its results; returns a summary dict.
 
     Without ``settings.redis_url`` a private Redis and ``workers`` local
@@ -39,7 +39,7 @@ def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv"
                                               env=worker_env, log_path=log))
         start = time.monotonic()
         options = client.options(per_tile=per_tile or bool(overlays) or None)
-        job_id = client.submit(images, options)
+        job_id = client.submit(images, options, on_created=on_created)
         status = progress(client, job_id, timeout) if progress else client.wait(job_id, timeout=timeout)
         seconds = time.monotonic() - start
         on_map = fmt in MAP_FORMATS  # issue 12: tile polygons of georeferenced rasters
@@ -68,7 +68,7 @@ def _write_file(out: str, fmt: str, records: list[dict], per_tile: bool) -> None
             os.remove(out)
         write_gpkg(records, out, all_tiles=per_tile)
         return
-    with open(out, "w", newline="", encoding="utf-8") as fh:
+    with open_results_file(out) as fh:
         write(records, fh, fmt, PER_TILE_COLUMNS if per_tile else RESULT_COLUMNS, all_tiles=per_tile)
 
 

@@ -39,8 +39,11 @@ def tiles():
 @click.option("--sample", type=click.IntRange(1), default=None,
               help="Export N tiles drawn at random from all photos (default: every tile).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+@click.option("--strategy", type=click.Choice(["random", "uncertain"]), default="random", show_default=True,
+              help="How --sample picks: random, or uncertain (tiles the model is unsure about, spread over photos "
+                   "and looks, most useful first; runs the model CRACKQ_MODEL on every tile).")
 @click.option("--no-recursive", is_flag=True, help="Do not search folders recursively.")
-def export(photos, out, size, sample, seed, no_recursive):
+def export(photos, out, size, sample, seed, strategy, no_recursive):
     """Write the tiles of PHOTOS (files, folders, globs) as JPEGs into OUT, with a tiles.csv manifest."""
     settings = Settings.load()
     size = size or settings.tile_size
@@ -53,7 +56,10 @@ def export(photos, out, size, sample, seed, no_recursive):
     if not found.paths:
         raise click.ClickException("no images found in " + " ".join(photos))
     grid, failed = plan(found.paths, size, settings.max_pixels, settings.max_file_bytes)
-    chosen = choose(grid, sample, seed)
+    if strategy == "uncertain" and sample is not None and sample < len(grid):
+        chosen = choose_uncertain(grid, size, sample, settings)
+    else:
+        chosen = choose(grid, sample, seed)
     written = write_tiles(chosen, Path(out), settings.max_pixels, settings.max_file_bytes, failed)
     for path, reason in failed.items():
         click.echo(f"skipped {path}: {reason}", err=True)
@@ -90,6 +96,22 @@ def choose(grid: list[tuple[str, Box]], sample: int | None, seed: int) -> dict[s
     by_photo: dict[str, list[Box]] = defaultdict(list)
     for path, box in picked:
         by_photo[path].append(box)
+    return by_photo
+
+
+def choose_uncertain(grid: list[tuple[str, Box]], size: int, sample: int, settings: Settings) -> dict[str, list[Box]]:
+    """The ``sample`` tiles :mod:`shared.picking` rates most worth labelling (``--strategy uncertain``)."""
+    from producer.candidates import Candidates, Tile, choose as pick
+    from shared.onnx_model import OnnxModel
+
+    try:
+        model = OnnxModel.load(settings.model)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    cands = Candidates([Tile(p, b) for p, b in grid], size, model.threshold(settings.threshold), {})
+    by_photo: dict[str, list[Box]] = defaultdict(list)
+    for tile in pick(cands, sample, "uncertain", model, settings):
+        by_photo[tile.photo].append(tile.box)
     return by_photo
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ENV_PREFIX = "CRACKQ_"
+#: Values of the ``precision`` setting; "" = chosen by device (``worker.inference.resolve_precision``).
+PRECISIONS = ("", "int8", "fp32", "fp16")
 
 #: The repository root when installed in editable mode (the default set-up).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,12 @@ class Settings:
     backend: str = field(default="onnx", metadata={
         "help": "Inference backend of workers: onnx (ONNX Runtime, fastest on CPU) or tf (TensorFlow)."})
     device: str = field(default="cpu", metadata={"help": "cpu or gpu (GPU: one worker process per GPU)."})
+    # ---- precision (issue 15) ----
+    precision: str = field(default="", metadata={
+        "help": "Model precision of onnx workers: int8 (the INT8 model beside the FP32 ONNX), fp32, or fp16 "
+                "(GPU). Empty: by device -- int8 on CPU when the INT8 model of the current FP32 ONNX passed the "
+                "accuracy gate on every labelled test set (`crackq export --int8` records it), else fp32."})
+    # ---- end precision ----
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "MobileNetV2 backbone weights for training: 'imagenet' (downloaded by Keras) or a .h5 path."})
     batch_size: int = field(default=8, metadata={
@@ -81,6 +89,14 @@ class Settings:
     task_time_limit: int = field(default=1800, metadata={
         "help": "Hard time limit of one chunk (s); the soft limit is 90% of it. Must be < visibility_timeout."})
     max_retries: int = field(default=3, metadata={"help": "Retries of a chunk after a transient error."})
+    lease_seconds: int = field(default=30, metadata={
+        "help": "Lifetime of a chunk's lease: a chunk delivered this long ago whose worker stopped renewing "
+                "its lease (every third of it) is put back on the queue by any live worker or `crackq wait`."})
+    max_deliveries: int = field(default=3, metadata={
+        "help": "Times a chunk may be started without finishing (its worker died each time) before its "
+                "images get error records instead of another run."})
+    max_tiles: int = field(default=4096, metadata={
+        "help": "Tiles per image above which the image is refused with an error record (bounds memory)."})
     redis_retry_seconds: float = field(default=20.0, metadata={
         "help": "Seconds a Redis command keeps retrying a lost connection (Redis restarting) before it fails; "
                 "a chunk that still fails is retried by Celery with backoff (CRACKQ_MAX_RETRIES)."})
@@ -112,6 +128,10 @@ class Settings:
             raise ValueError(f"backend must be 'onnx' or 'tf', not {self.backend!r}")
         if self.device not in {"cpu", "gpu"}:
             raise ValueError(f"device must be 'cpu' or 'gpu', not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of int8, fp32, fp16 or empty (by device), not {self.precision!r}")
+        if self.precision in {"int8", "fp16"} and self.backend != "onnx":
+            raise ValueError(f"precision {self.precision} needs backend onnx (TensorFlow serves fp32)")
         if self.chunk_size < 1 or self.batch_size < 1:
             raise ValueError("chunk_size and batch_size must be at least 1")
         if not 0.0 <= self.threshold <= 1.0:
@@ -120,8 +140,13 @@ class Settings:
             raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
         if self.raster_window < 256:
             raise ValueError("raster_window must be at least 256 px")
-        if self.tile_size and self.tile_overlap >= self.tile_size:
-            raise ValueError("tile_overlap must be smaller than tile_size")
+        from shared.contract import check_tiling
+
+        check_tiling(self.tile_size, self.tile_overlap)
+        if self.max_tiles < 1 or self.max_deliveries < 1:
+            raise ValueError("max_tiles and max_deliveries must be at least 1")
+        if self.lease_seconds < 3:
+            raise ValueError("lease_seconds must be at least 3 (renewed every third of it)")
         return self
 
     @property

@@ -7,6 +7,7 @@ Celery/kombu options, and the TLS rules (``rediss://``) live only here.
 
 from __future__ import annotations
 
+import re
 import ssl
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
@@ -86,6 +87,31 @@ def ride_over_retry(seconds: float) -> Retry:
         retries += 1
         waited += backoff.compute(retries)
     return Retry(backoff, retries, supported_errors=(redis.ConnectionError,))
+
+
+class RedisBusy(redis.ConnectionError):
+    """Redis refused a write for a while: out of memory (``maxmemory``), a read-only replica after a
+    failover (``READONLY``), or a failed snapshot (``MISCONF``).  Transient: retry with backoff."""
+
+
+#: Replies of a Redis that will take the write again once an operator or a failover fixed it.  Inside a
+#: Lua script they come wrapped ("Error running script ...: -OOM command not allowed ..."), from a
+#: pipeline annotated ("Command # 1 (LPUSH ...) of pipeline caused error: ..."), and kombu wraps them
+#: again in its OperationalError; redis-py drops the "OOM" code from the text of its own OutOfMemoryError.
+_BUSY_REPLY = re.compile(r"(?:^|-)(?:OOM|READONLY|MISCONF|LOADING|MASTERDOWN|TRYAGAIN)\b"
+                         r"|command not allowed when used memory|read only replica|MISCONF")
+
+
+def is_busy(exc: BaseException | None) -> bool:
+    """True for the Redis errors that mean "not now" rather than "never" (see :class:`RedisBusy`)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+            return True
+        if _BUSY_REPLY.search(str(exc)):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def ping(client: redis.Redis, url: str) -> None:

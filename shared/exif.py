@@ -6,6 +6,8 @@ each photo so ``crackq results --format geojson`` can place it on a map.
 
 from __future__ import annotations
 
+import math
+
 from PIL import ExifTags, Image
 
 _GPS = ExifTags.GPS
@@ -49,13 +51,16 @@ def _gps(gps: dict) -> dict:
     if alt is not None:
         ref = gps.get(_GPS.GPSAltitudeRef, 0)
         below = ref in (1, b"\x01") or ref == "1"
-        out["altitude"] = round(float(alt) * (-1 if below else 1), 2)
+        altitude = float(alt)
+        if math.isfinite(altitude):  # a zero denominator gives NaN: no altitude rather than invalid JSON
+            out["altitude"] = round(altitude * (-1 if below else 1), 2)
     return out
 
 
 def _degrees(dms) -> float:
     d, m, s = (float(v) for v in dms)
-    return d + m / 60.0 + s / 3600.0
+    value = d + m / 60.0 + s / 3600.0
+    return value if math.isfinite(value) else math.nan  # NaN fails the range check: no position
 
 
 def _iso(exif_time: str) -> str:

@@ -9,10 +9,14 @@ the EXIF orientation handling and the RGB conversion can never drift apart.
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import math
 import os
+import stat
 from dataclasses import dataclass
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -44,6 +48,96 @@ class ImageError(Exception):
     """An image that cannot be classified; ``str(err)`` is the short reason put in the result record."""
 
 
+#: A file to decode: a path, or a binary file already opened (and checked) by :func:`open_checked`.
+Source = Union[str, os.PathLike, BinaryIO]
+
+OUTSIDE_ROOTS = "path outside the worker's data roots (CRACKQ_DATA_ROOTS)"
+#: Bytes of memory one decoded pixel may cost at its peak on the way to 8-bit RGB, by Pillow mode
+#: (the decoded image plus the conversions of :func:`to_rgb`: 16-bit and float images go through
+#: float64 arrays, alpha images through RGBA composites).  Unknown modes count :data:`_DEFAULT_PEAK`.
+_PEAK_BYTES = {"1": 4, "L": 4, "P": 4, "RGB": 3, "YCbCr": 6, "LAB": 6, "HSV": 6, "CMYK": 7,
+               "RGBA": 15, "RGBa": 15, "RGBX": 7, "LA": 17, "La": 17, "PA": 17,
+               "I;16": 26, "I;16L": 26, "I;16B": 26, "I;16N": 26, "I": 28, "F": 28}
+_PEAK_WITH_TRANSPARENCY = 16  # a palette image with transparency is composited as RGBA
+_DEFAULT_PEAK = 8
+
+
+class _Borrowed:
+    """An opened file lent to Pillow, which closes what it is given: here ``close`` is a no-op,
+    because the caller (who opened and checked it once) still needs it for the next read."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def close(self) -> None:
+        pass
+
+
+def _rewind(source: Source) -> Source:
+    if hasattr(source, "seek"):
+        source.seek(0)
+        return source if isinstance(source, _Borrowed) else _Borrowed(source)
+    return source
+
+
+def open_checked(path: str, roots: tuple[str, ...], max_file_bytes: int) -> BinaryIO:
+    """Open ``path`` for reading only if the file actually opened lies under ``roots``; one open per file.
+
+    Checking a path and then opening it lets a symlink swapped in between
+    (by anyone who can write under the roots) redirect the read anywhere.
+    So the path is resolved once, the resolved path is opened without
+    following a final symlink (``O_NOFOLLOW``), and the *opened* file (its
+    ``/proc/self/fd`` link, where the kernel says what it is) is checked
+    against the roots.  Every later read (header, pixels, EXIF) must use the
+    returned file, never the path again.
+    """
+    real = os.path.realpath(path)
+    if not _within(real, roots):
+        raise ImageError(OUTSIDE_ROOTS)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the resolved path became a symlink after it was resolved
+            raise ImageError(OUTSIDE_ROOTS) from None
+        raise ImageError(f"cannot open file: {_short(exc)}") from None
+    try:
+        if not _within(_opened_path(fd, real), roots):
+            raise ImageError(OUTSIDE_ROOTS)
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageError("is a directory, not an image")
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not a regular file")
+        _check_size(info.st_size, max_file_bytes)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _opened_path(fd: int, fallback: str) -> str:
+    """The path of the file behind ``fd`` as the kernel knows it (Linux), else the path that was opened."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return fallback
+
+
+def _check_size(size: int, max_file_bytes: int) -> None:
+    if size == 0:
+        raise ImageError("empty file")
+    if size > max_file_bytes:
+        raise ImageError(f"file too large ({size} bytes > limit {max_file_bytes})")
+
+
 @dataclass(frozen=True)
 class Box:
     """A tile's pixel box in the (EXIF-oriented) original photo."""
@@ -57,9 +151,12 @@ class Box:
         return {"x": self.x, "y": self.y, "w": self.w, "h": self.h}
 
 
-def check_file(path: str, max_file_bytes: int) -> None:
+def check_file(path: Source, max_file_bytes: int) -> None:
     """Cheap checks before decoding, each with a reason a user understands."""
-    if not isinstance(path, (str, os.PathLike)):  # a file object fetched by shared/storage.py (checked there)
+    if isinstance(path, io.BytesIO):  # bytes fetched from object storage by shared/storage.py (checked there)
+        return
+    if hasattr(path, "fileno"):  # an opened file (open_checked): check what was opened
+        _check_size(os.fstat(path.fileno()).st_size, max_file_bytes)
         return
     if not os.path.exists(path):
         raise ImageError("file not found")
@@ -74,10 +171,10 @@ def check_file(path: str, max_file_bytes: int) -> None:
         raise ImageError("permission denied")
 
 
-def open_image(path: str, max_pixels: int) -> Image.Image:
-    """Open (lazily) and check the pixel count before anything is decoded."""
+def open_image(path: Source, max_pixels: int) -> Image.Image:
+    """Open (lazily) and check the pixel count and the decoding memory before anything is decoded."""
     try:
-        img = Image.open(path)
+        img = Image.open(_rewind(path))
     except UnidentifiedImageError:
         raise ImageError("not an image or unsupported format") from None
     except PermissionError:
@@ -92,10 +189,52 @@ def open_image(path: str, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         img.close()
         raise ImageError(f"image too large ({width}x{height} = {width * height} px > limit {max_pixels})")
+    need = width * height * peak_bytes_per_pixel(img)
+    if need > decode_budget(max_pixels):
+        img.close()
+        raise ImageError(f"image too large to decode ({width}x{height} {img.mode} needs ~{need >> 20} MB "
+                         f"> budget {decode_budget(max_pixels) >> 20} MB = CRACKQ_MAX_PIXELS x 3 bytes)")
     return img
 
 
-def load_rgb(path: str, *, max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
+def peak_bytes_per_pixel(img: Image.Image) -> int:
+    """Peak memory per pixel of decoding ``img`` (from its header) to 8-bit RGB."""
+    if img.mode == "P" and "transparency" in img.info:
+        return _PEAK_WITH_TRANSPARENCY
+    return _PEAK_BYTES.get(img.mode, _DEFAULT_PEAK)
+
+
+def decode_budget(max_pixels: int) -> int:
+    """Bytes one image may take while decoding: an 8-bit RGB image at the pixel limit."""
+    return 3 * max_pixels
+
+
+def check_tiling_budget(width: int, height: int, tile: int, overlap: int, *, size: int = INPUT_SIZE,
+                        max_pixels: int = 150_000_000, max_tiles: int = 4096) -> None:
+    """Refuse, from the header alone, a photo whose tiles would cost too much.
+
+    Two costs grow with small tiles: the tile count (each tile is a model
+    input of ``size``² × 3 bytes), and the photo resized so that a tile
+    becomes ``size`` px (tiles smaller than ``size`` *upscale* it).
+    """
+    tiles = tile_count(width, height, tile, overlap)
+    if tiles > max_tiles:
+        raise ImageError(f"too many tiles ({tiles} > limit {max_tiles}, CRACKQ_MAX_TILES)")
+    scaled = max(size, round(width * size / tile)) * max(size, round(height * size / tile))
+    if 3 * scaled > decode_budget(max_pixels):
+        raise ImageError(f"image too large to tile (tiles of {tile} px scaled to {size} px make a "
+                         f"{scaled} px image > limit {max_pixels})")
+
+
+def tile_count(width: int, height: int, tile: int, overlap: int = 0) -> int:
+    """How many tiles :func:`tile_grid` makes (at most), computed without making them."""
+    def along(length: int) -> int:
+        return 1 if length <= tile else math.ceil((length - tile) / (tile - overlap)) + 1
+
+    return along(width) * along(height)
+
+
+def load_rgb(path: Source, *, max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
              draft_scale: float = 1.0) -> Image.Image:
     """Decode ``path`` to an EXIF-oriented 8-bit RGB image.
 
@@ -201,7 +340,7 @@ def tiles_to_inputs(img: Image.Image, boxes: list[Box], original_size: tuple[int
     return out
 
 
-def oriented_size(path: str, max_pixels: int) -> tuple[int, int]:
+def oriented_size(path: Source, max_pixels: int) -> tuple[int, int]:
     """Pixel size after EXIF orientation, read from the header only."""
     img = open_image(path, max_pixels)
     try:
@@ -230,16 +369,22 @@ class PreparedImage:
     height: int
 
 
-def prepare_image(path: str, *, size: int = INPUT_SIZE, tile: int = 227, overlap: int = 0,
-                  max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024) -> PreparedImage:
-    """Decode ``path`` into model inputs: whole if it fits in a tile, else as a grid of tiles.
+def prepare_image(path: Source, *, size: int = INPUT_SIZE, tile: int = 227, overlap: int = 0,
+                  max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
+                  max_tiles: int = 4096) -> PreparedImage:
+    """Decode ``path`` (or a file from :func:`open_checked`) into model inputs: whole if it fits in a
+    tile, else as a grid of tiles.
 
     The header is read first so that a JPEG that will be shrunk by more than
-    half is decoded at reduced size (``draft``), which keeps big photos cheap.
+    half is decoded at reduced size (``draft``), which keeps big photos cheap,
+    and so that a photo whose decoding or tiles would exceed the memory
+    budget is refused before anything is decoded.
     """
     check_file(path, max_file_bytes)
     width, height = oriented_size(path, max_pixels)
     tiled = needs_tiling(width, height, tile)
+    if tiled:
+        check_tiling_budget(width, height, tile, overlap, size=size, max_pixels=max_pixels, max_tiles=max_tiles)
     scale = size / tile if tiled else max(size / width, size / height)
     img = load_rgb(path, max_pixels=max_pixels, max_file_bytes=max_file_bytes, draft_scale=scale)
     if not tiled:
@@ -249,8 +394,15 @@ def prepare_image(path: str, *, size: int = INPUT_SIZE, tile: int = 227, overlap
 
 
 def is_under_roots(path: str, roots: tuple[str, ...]) -> bool:
-    """True when ``path``, with every symlink resolved, lies inside one of ``roots``."""
-    real = os.path.realpath(path)
+    """True when ``path``, with every symlink resolved, lies inside one of ``roots``.
+
+    A check of a *path* only: a reader must use :func:`open_checked`, which
+    checks the file it actually opened.
+    """
+    return _within(os.path.realpath(path), roots)
+
+
+def _within(real: str, roots: tuple[str, ...]) -> bool:
     for root in roots:
         root_real = _real_root(root)
         if real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep):

@@ -12,6 +12,7 @@ from celery import Celery
 
 from shared.config import Settings
 from shared.connections import ssl_options, strip_ssl_query
+from shared.transport import register as register_transport
 
 
 def celery_config(settings: Settings) -> dict:
@@ -61,6 +62,8 @@ def celery_config(settings: Settings) -> dict:
 
 
 def make_celery(settings: Settings, name: str = "crackq") -> Celery:
+    # kombu's Redis transport, except that no queue entry can stop a worker (shared/transport.py).
+    register_transport()
     app = Celery(name)
     app.conf.update(celery_config(settings))
     return app

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -93,6 +94,18 @@ def open_raster(path: str):
             raise ImageError(f"corrupt or unreadable raster: {str(exc)[:120]}") from None
         with dataset:
             yield dataset
+
+
+def opened_path(handle, path: str) -> str:
+    """What GDAL should open for a window: the worker's already opened and checked file, not the path again.
+
+    ``/proc/self/fd/N`` names the file the worker opened under its data roots, so a symlink swapped in
+    after the check cannot redirect the read; s3:// URLs (no handle) and systems without /proc use ``path``.
+    """
+    if handle is None or not hasattr(handle, "fileno"):
+        return path
+    fd_path = f"/proc/self/fd/{handle.fileno()}"
+    return fd_path if os.path.exists(fd_path) else path
 
 
 def read_info(path: str) -> RasterInfo:

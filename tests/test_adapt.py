@@ -85,6 +85,18 @@ def test_survey_team_loop_export_label_finetune_serve(concrete_dir, shipped_mode
     assert fitted.exit_code == 0, fitted.output
     assert json.loads((new / "model_card.json").read_text())["domain"]["file"] == "domain.npz"
 
+    # 3c. the card's threshold is what workers apply when a job sets none (issue 11). To see it used, set it
+    # between the two lowest probabilities above 0.5: the lowest crack tile(s) must then change label.
+    from shared.onnx_model import OnnxModel
+
+    expected = np.sort(OnnxModel.load(new_model).predict(prepare_image(str(photo_path)).inputs)[0])
+    above = np.unique(expected[expected >= 0.5])
+    card_threshold = float((above[0] + above[1]) / 2)
+    card = json.loads((new / "model_card.json").read_text())
+    assert 0.0 < card["threshold"]["value"] < 1.0 and "cross-validation" in card["threshold"]["chosen_on"]
+    card["threshold"]["value"] = card_threshold
+    (new / "model_card.json").write_text(json.dumps(card))
+
     # 4. point a worker at the new model and classify the survey
     start_worker(model=new_model, data_roots=[str(survey)])
     job = crackq_cli("submit", str(survey), "--per-tile", env=service_env).stdout.strip()
@@ -102,6 +114,14 @@ def test_survey_team_loop_export_label_finetune_serve(concrete_dir, shipped_mode
     inputs = prepare_image(str(photo_path)).inputs  # what the worker decodes from the JPEG
     mine = load_classifier(Settings.load(model=str(new_model), batch_size=16)).predict(inputs)[0]
     shipped = load_classifier(Settings.load(model=str(shipped_model), batch_size=16)).predict(inputs)[0]
+    tile_labels = [r["label"] for r in records if "tile" in r]
+    assert tile_labels == ["crack" if p >= card_threshold else "no_crack" for p in served]
+    assert tile_labels.count("crack") < int((served >= 0.5).sum())             # the card's threshold, not 0.5
+    explicit = crackq_cli("submit", str(survey), "--per-tile", "--threshold", "0.5", env=service_env).stdout.strip()
+    crackq_cli("wait", explicit, "--timeout", "300", env=service_env)
+    crackq_cli("results", explicit, "--per-tile", "--format", "jsonl", "--output", str(out), env=service_env)
+    again = [r for r in map(json.loads, out.read_text().splitlines()) if "tile" in r]
+    assert [r["label"] for r in again] == ["crack" if p >= 0.5 else "no_crack" for p in served]  # a job's own wins
     assert np.abs(served - mine).max() < 1e-4                 # the worker serves the fine-tuned model ...
     assert np.abs(mine - shipped).max() > 1e-5                # ... which is not the shipped one
     assert np.mean((served >= 0.5) == grid.ravel()) >= 0.9

@@ -9,10 +9,12 @@ modes (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so "unreadable" is honest.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Callable
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 from pillow_heif import register_heif_opener
 
 from producer.api import Client
@@ -30,7 +32,7 @@ from producer.cli import main as crackq
 from shared.config import Settings
 from tests.faults import task_events
 from tests.imagery import held_out_patches
-from tests.service import WorkerProcess
+from tests.service import WorkerProcess, crackq_cli
 
 #: Files above this size are refused (the setting is lowered so the test needs no 512 MB file).
 MAX_FILE_BYTES = 2_000_000
@@ -55,15 +57,19 @@ def _size(width: int, height: int):
     return check
 
 
-def _png_bomb(path: Path, side: int) -> None:
+def _no_altitude(record: dict, records: dict) -> None:
+    assert record["latitude"] == 51.5 and record["longitude"] == -3.0 and record.get("altitude") is None
+
+
+def _png_bomb(path: Path, side: int, bit_depth: int = 8) -> None:
     """A grey PNG of side×side pixels that compresses to a few hundred KB (written row by row)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     packer = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)
+    row = b"\x00" * (side * bit_depth // 8 + 1)
     data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", side, side, bit_depth, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
@@ -132,6 +138,15 @@ def build_catalogue(data: Path, outside: Path, crack_patch: Path, plain_patch: P
     os.symlink(secret, add("symlink pointing outside the data roots", "escape.jpg",
                            error="path outside the worker's data roots"))
     cases["path outside the data roots"] = Case(str(secret), error="path outside the worker's data roots")
+    deep = add("16-bit 100 Mpx PNG (decoding memory)", "deep16.png", error="image too large to decode")
+    _png_bomb(deep, 10_000, bit_depth=16)  # under the pixel limit, but ~2.6 GB to decode: refused from the header
+    os.mkfifo(add("named pipe (FIFO)", "pipe.jpg", error="not a regular file"))
+    latin1 = Path(os.fsdecode(os.fsencode(str(data)) + b"/fissure caf\xe9 \xff.jpg"))  # a name that is not UTF-8
+    shutil.copy(crack_patch, latin1)
+    cases["file name that is not UTF-8"] = Case(str(latin1), check=same)
+    gps = Image.Exif()
+    gps[0x8825] = {1: "N", 2: (51.0, 30.0, 0.0), 3: "W", 4: (3.0, 0.0, 0.0), 6: TiffImagePlugin.IFDRational(7, 0)}
+    crack.save(add("GPS altitude with a zero denominator", "gps.jpg", check=_no_altitude), exif=gps, quality=95)
     huge = add("file over max_file_bytes", "huge.jpg", error="file too large")
     huge.write_bytes(jpeg)
     os.truncate(huge, MAX_FILE_BYTES + 1)
@@ -178,7 +193,7 @@ def catalogue(redis_server, shipped_model, concrete_dir, tmp_path_factory):
         follow_up_paths = [str(base / "data" / "reference_crack.jpg"), str(base / "data" / "reference_plain.jpg")]
         follow_up = client.wait(client.submit(follow_up_paths), timeout=120)
         follow_up_records = list(client.results(follow_up.id))
-        yield {"cases": cases, "status": status, "records": records, "worker": worker,
+        yield {"cases": cases, "status": status, "records": records, "worker": worker, "url": redis_server.url,
                "honest_permissions": honest_permissions, "chunks": client.store.client.hget(
                    f"crackq:job:{job_id}", "chunks"),
                "follow_up": follow_up, "follow_up_records": follow_up_records}
@@ -192,7 +207,8 @@ CASE_NAMES = [
     "multi-page TIFF (first page is used)", "WebP", "HEIC (pillow-heif)", "unsupported format (SVG)",
     "EXIF-rotated photo", "1x1 px image", "over the pixel limit (decompression bomb)",
     "path with spaces and non-ASCII characters", "unreadable permissions", "symlink pointing outside the data roots",
-    "path outside the data roots", "file over max_file_bytes",
+    "path outside the data roots", "file over max_file_bytes", "16-bit 100 Mpx PNG (decoding memory)",
+    "named pipe (FIFO)", "file name that is not UTF-8", "GPS altitude with a zero denominator",
 ]
 
 
@@ -233,6 +249,32 @@ def test_the_catalogue_job_completes_in_one_chunk_and_the_worker_survives(catalo
     assert worker.proc.poll() is None
     log = worker.log()
     assert task_events(log, "retry") == [] and "WorkerLostError" not in log
+
+
+def test_the_catalogue_results_write_as_csv_jsonl_and_geojson_with_every_name_intact(catalogue, tmp_path):
+    """Non-UTF-8 names, NaN-free JSON, formula-safe CSV: the files `crackq results` writes open cleanly."""
+    env = {"CRACKQ_REDIS_URL": catalogue["url"]}
+    job = catalogue["status"].id
+    latin1 = os.fsencode(catalogue["cases"]["file name that is not UTF-8"].path)
+    for fmt in ("csv", "jsonl", "geojson"):
+        out = tmp_path / f"results.{fmt}"
+        crackq_cli("results", job, "--format", fmt, "--output", str(out), env=env)
+        data = out.read_bytes()
+        if fmt == "geojson":
+            json.loads(data, parse_constant=_refuse)  # strict JSON: no NaN
+        else:
+            assert latin1 in data  # the original bytes of the name
+    stdout = subprocess.run([sys.executable, "-m", "producer.cli", "results", job, "--format", "jsonl"],
+                            capture_output=True, env={**os.environ, **env}, timeout=120)
+    assert stdout.returncode == 0, stdout.stderr
+    lines = stdout.stdout.splitlines()
+    assert len(lines) == len(catalogue["cases"]) and latin1 in stdout.stdout
+    for line in lines:
+        json.loads(line.decode("utf-8", errors="surrogateescape"), parse_constant=_refuse)
+
+
+def _refuse(constant):
+    raise ValueError(f"non-standard JSON constant {constant}")
 
 
 def test_producer_rejects_obviously_bad_input_up_front_with_exit_code_2(tmp_path, redis_server, monkeypatch):

@@ -152,10 +152,15 @@ def test_warm_shutdown_requeues_every_unfinished_chunk_at_once(concrete_dir, ser
         assert "WorkerLostError" not in log  # the chunk in hand was finished, not killed
         # A chunk delivered just as the shutdown began is not started but put back.
         assert not unfinished or (len(unfinished) == 1 and "Restoring 1 unacknowledged message(s)" in log)
-    else:  # the pool child got SIGTERM too: its chunk was lost with it and requeued
-        assert len(unfinished) <= 1 and ("WorkerLostError" in log or not unfinished)
+    else:  # the pool child got SIGTERM too: its chunk was lost with it and requeued, or put back unstarted
+        assert len(unfinished) <= 1
+        assert "WorkerLostError" in log or "Restoring 1 unacknowledged message(s)" in log or not unfinished
     assert in_flight(r, queue_name) == 0  # nothing left unacknowledged, waiting for the visibility timeout
-    assert waiting(r, queue_name) == math.ceil(len(paths) / CHUNK) - len(finished)
+    # Every chunk not finished is back on the queue.  (At most one finished chunk may be there too: one whose
+    # acknowledgement was still pending when the consumer stopped is restored with the unacknowledged ones;
+    # at least once means a duplicate, never a loss.)
+    expected = math.ceil(len(paths) / CHUNK) - len(finished)
+    assert expected <= waiting(r, queue_name) <= expected + 1
     # (A chunk killed after its write but before its acknowledgement is requeued all the same: at least once.)
     assert len(finished) * CHUNK <= results_written(r, job_id) <= len(finished | unfinished) * CHUNK < len(paths)
 
@@ -258,8 +263,10 @@ def test_transient_write_failures_are_retried_and_exhausted_retries_fail_the_job
         ok = _finished_results(client, job_ok, recovers, timeout=120)
         assert {r["label"] for r in ok.values()} <= {"crack", "no_crack"}
 
-        bad = client.wait(job_bad, timeout=120)
+        states = []  # every state a poller sees: never `done` on the way to `failed` (one-step failure)
+        bad = client.wait(job_bad, timeout=120, on_progress=lambda st: states.append(st.state))
         assert bad.state == "failed" and bad.failed_chunks == 1 and bad.failed == bad.total == len(gives_up)
+        assert "done" not in states
         records = list(client.results(job_bad))
         assert [r["path"] for r in records] == gives_up
         assert all(r["error"].startswith("chunk failed after 2 retries: ConnectionError") for r in records)

@@ -207,12 +207,21 @@ def test_crackq_run_stops_everything_on_interrupt(concrete_dir, tmp_path, shippe
     proc = subprocess.Popen([*CLI, "run", str(concrete_dir / "Negative"), "--out", str(tmp_path / "r.csv")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     family = Descendants(proc.pid)
-    # Wait until redis-server, the worker and its pool child are all up.
-    wait_until(lambda: len(family.poll()) >= 3, 120, 0.1, "redis and workers to start")
+    # A deterministic point mid-run, however loaded the machine: Redis and the workers are started and the
+    # job exists once `run` prints its id (its 8,000 images then take far longer than this test waits).
+    before = []
+    for line in iter(proc.stderr.readline, ""):
+        before.append(line)
+        if line.startswith("job "):
+            break
+    first_line = before[-1] if before else ""
+    assert first_line.startswith("job ") and "queueing 8000 image(s)" in first_line, "".join(before)
+    family.poll()
     proc.send_signal(2)  # Ctrl-C
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, first_line + stderr
     assert "interrupted" in stderr
+    assert len(family.seen) >= 2  # redis-server and the worker (at least) were running
     wait_until(lambda: _alive(family.seen) == set(), 30, 0.2, "every started process to exit")
 
 

@@ -65,9 +65,21 @@ def _settings(**overrides):
 @click.option("--cache-dir", default=D["cache_dir"].default_factory(), show_default=True,
               type=click.Path(file_okay=False), help="Where backbone features are cached.")
 @click.option("--limit-per-class", type=click.IntRange(1), help="Use only N (seeded random) images per class.")
+@click.option("--recipe", type=click.Choice(["adapt", "full"]), default="adapt", show_default=True,
+              help="With --init-model: adapt = the few-label recipe of `crackq adapt` (replay, balancing, "
+                   "augmentation, cross-validated threshold; the epoch/batch/rate options do not apply); "
+                   "full = the whole training recipe from the init model.")
 def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, backbone_weights, init_model,
-          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class):
+          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class, recipe):
     """Train the crack classifier on DATA_DIR (one sub-folder per class) and write model, ONNX, card, plots."""
+    # ---- issue 11: `--init-model` fine-tunes with the few-label recipe (training/adapt.py) ----
+    if init_model and recipe == "adapt":
+        from training.adapt import AdaptConfig
+        from training.adapt_cli import run_adapt
+
+        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir))
+        return
+    # ---- end issue 11 ----
     _quiet_tensorflow()
     from training.train import train as run
 
@@ -122,12 +134,59 @@ def evaluate(model, data_dir, split, split_file, batch_size, as_json):
 @click.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="ONNX file [default: MODEL with .onnx suffix].")
-def export(model, out):
-    """Export MODEL (.keras) to ONNX (outputs probabilities and features) and verify it against Keras."""
+@click.option("--int8", is_flag=True,
+              help="Also write the INT8 model beside the ONNX (static per-channel QDQ, calibrated on the training "
+                   "split), only if it passes the accuracy gate on its calibration hold-out; exit 2 otherwise.")
+@click.option("--data-dir", type=click.Path(exists=True, file_okay=False),
+              help="--int8: the training images [default: the data_dir recorded in split.json].")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False),
+              help="--int8: split.json of the model's training run [default: beside MODEL].")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="--int8: calibrator [default: the one chosen by measurement, training.quantize.DEFAULT_METHOD].")
+@click.option("--uav-dir", type=click.Path(exists=True, file_okay=False),
+              help="--int8: uav-concrete photos (images/, masks/) for the test gate [default: beside the training "
+                   "images' folder, when there].")
+def export(model, out, int8, data_dir, split_file, calibration_method, uav_dir):
+    """Export MODEL (.keras) to ONNX (outputs probabilities and features) and verify it against Keras;
+    with --int8, also make and gate the INT8 model."""
+    from shared.serving import onnx_path
+
+    if out and int8 and Path(out) != onnx_path(model):
+        raise click.UsageError("--int8 writes beside MODEL: leave out --out")
     _quiet_tensorflow()
     from training.export import export_onnx
     from training.model import load_model
 
-    out = out or str(Path(model).with_suffix(".onnx"))
+    out = out or str(onnx_path(model))
     diff = export_onnx(load_model(model), out)
     click.echo(f"wrote {out} (max |ONNX - Keras| probability difference {diff:.2e})")
+    if int8:
+        _export_int8(model, data_dir, split_file, calibration_method, uav_dir)
+
+
+def _export_int8(model, data_dir, split_file, method, uav_dir) -> None:
+    from training import quantize
+
+    try:
+        report = quantize.export_int8(model, data_dir, split_file, method or quantize.DEFAULT_METHOD,
+                                      uav_dir=uav_dir)
+    except quantize.GateFailed as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    g = report.holdout
+    click.echo(f"wrote {report.path} (calibration: {report.calibration_images} training images, {report.method}; "
+               f"gate on {g.n} held-out training images: accuracy {100 * g.accuracy_int8:.2f} % vs FP32 "
+               f"{100 * g.accuracy_fp32:.2f} %, mean |dp| {g.mean_abs_diff:.4f}, p99 {g.p99_abs_diff:.4f})")
+    for name, a in (report.test_gate or {}).items():
+        click.echo(f"  test gate {name}: {'pass' if a.passed else 'FAIL'} (n {a.n}: accuracy {100 * a.accuracy_int8:.2f} % "
+                   f"vs FP32 {100 * a.accuracy_fp32:.2f} %, mean |dp| {a.mean_abs_diff:.4f}, "
+                   f"p99 {a.p99_abs_diff:.4f}, {a.label_flips} label flips)")
+    click.echo("INT8 is the CPU workers' default" if report.cpu_default else
+               "INT8 is NOT the CPU default (failed the test gate): CPU workers serve FP32 unless "
+               "CRACKQ_PRECISION=int8")
+    if report.domain:
+        click.echo(f"wrote {report.domain['file']} (in-domain check on INT8 features: validation false alarms "
+                   f"{report.domain['validation_false_alarm_rate']:.2%}, held-out test in domain "
+                   f"{report.domain.get('test_in_domain_rate', float('nan')):.2%})")

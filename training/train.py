@@ -99,7 +99,21 @@ def train(cfg: TrainConfig) -> dict:
     from training.domain_fit import fit_domain
 
     fit_domain(out / MODEL_FILE, cfg.data_dir, out / SPLIT_FILE, out)
+    _export_int8(out / MODEL_FILE, cfg.data_dir)  # issue 15: the INT8 model, if it passes its gate
     return json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+
+
+def _export_int8(model_path: Path, data_dir: str) -> None:
+    """``crackq export --int8`` on the new model; a model too small to calibrate or failing the gate ships
+    FP32 only (workers then serve FP32), with a warning."""
+    from training import quantize
+
+    try:
+        report = quantize.export_int8(model_path, data_dir)
+        log.info("INT8 model %s: gate %s", report.path, report.holdout.to_dict())
+    except (quantize.GateFailed, ValueError) as exc:
+        quantize.int8_onnx_path(model_path).unlink(missing_ok=True)
+        log.warning("no INT8 model: %s", exc)
 
 
 def _initial_model(cfg: TrainConfig, classes):

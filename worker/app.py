@@ -12,7 +12,14 @@ from shared.queue import make_celery
 
 settings = Settings.load()
 app = make_celery(settings, name="crackq-worker")
-app.conf.update(include=["worker.tasks"])
+# Only well-formed crackq tasks get in (worker/consumer.py); leases bring back chunks of lost workers.
+app.conf.update(include=["worker.tasks"], worker_consumer="worker.consumer:SafeConsumer")
 
 import worker.state  # noqa: E402,F401  - registers the per-process start-up hooks
 import worker.tasks  # noqa: E402,F401  - registers crackq.classify_chunk
+from shared.transport import REFUSAL_HOOKS  # noqa: E402
+from worker import metrics  # noqa: E402
+from worker.leases import LeaseKeeper  # noqa: E402
+
+app.steps["consumer"].add(LeaseKeeper)
+REFUSAL_HOOKS.append(metrics.observe_refused)

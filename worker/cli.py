@@ -68,6 +68,12 @@ def check_model(settings: Settings) -> None:
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise click.ClickException(f"model file not found: {', '.join(missing)} (set CRACKQ_MODEL or --model)")
+    if settings.precision == "int8":
+        from worker.inference import int8_problem
+
+        problem = int8_problem(settings.model)
+        if problem:
+            raise click.ClickException(f"CRACKQ_PRECISION=int8: {problem}")
 
 
 @click.command()
@@ -76,6 +82,9 @@ def check_model(settings: Settings) -> None:
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None, help="Run inference on CPU or GPU.")
 @click.option("--backend", type=click.Choice(["onnx", "tf"]), default=None,
               help="Inference backend (default onnx on CPU, tf on GPU).")
+@click.option("--precision", type=click.Choice(["int8", "fp32", "fp16"]), default=None,
+              help="onnx backend: model precision (default: int8 on CPU when the gated INT8 model is there, "
+                   "else fp32; fp16 needs the CUDA provider).")
 @click.option("--model", default=None, help="Model .keras path (its .onnx and card beside it).")
 @click.option("--redis-url", default=None, envvar="CRACKQ_REDIS_URL", help="Broker and job store URL.")
 @click.option("--data-roots", default=None, help="Folders workers may read (os.pathsep-separated).")
@@ -85,13 +94,14 @@ def check_model(settings: Settings) -> None:
 @click.option("--hostname", "-n", default=None, help="Celery node name (default crackq-<pid>@<host>).")
 @click.option("--loglevel", "-l", default=None, help="Log level.")
 @click.option("--pool", default="prefork", show_default=True, help="Celery pool (prefork, solo, threads).")
-def worker(concurrency, device, backend, model, redis_url, data_roots, batch_size, threads, metrics_port,
-           hostname, loglevel, pool):
+def worker(concurrency, device, backend, precision, model, redis_url, data_roots, batch_size, threads,
+           metrics_port, hostname, loglevel, pool):
     """Start a worker that classifies chunks from the queue."""
-    overrides = dict(device=device, backend=backend, model=model, redis_url=redis_url, data_roots=data_roots,
-                     batch_size=batch_size, threads=threads, metrics_port=metrics_port, log_level=loglevel)
-    if device == "gpu" and backend is None and not os.environ.get(ENV_PREFIX + "BACKEND"):
-        overrides["backend"] = "tf"
+    overrides = dict(device=device, backend=backend, precision=precision, model=model, redis_url=redis_url,
+                     data_roots=data_roots, batch_size=batch_size, threads=threads, metrics_port=metrics_port, log_level=loglevel)
+    if device == "gpu":
+        if backend is None and not os.environ.get(ENV_PREFIX + "BACKEND") and not precision:
+            overrides["backend"] = "tf"  # a precision implies the onnx backend (ONNX Runtime's CUDA provider)
         if batch_size is None and not os.environ.get(ENV_PREFIX + "BATCH_SIZE"):
             overrides["batch_size"] = 128
     settings = Settings.load(**overrides)

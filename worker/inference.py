@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.config import Settings
+from shared.serving import INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256, int8_onnx_path, onnx_path
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ class ModelInfo:
 class Classifier:
     """Loaded model + batched forward function. Build it with :func:`load_classifier`."""
 
-    def __init__(self, info: ModelInfo, batch_size: int, forward, fixed_shape: bool = True):
+    def __init__(self, info: ModelInfo, batch_size: int, forward, fixed_shape: bool = True,
+                 served: "Served | None" = None):
         self.info = info
+        self.served = served or Served("fp32", info.directory, "unknown")
         self.batch_size = batch_size
         self.fixed_shape = fixed_shape
         self._forward = forward
@@ -99,16 +102,108 @@ class Classifier:
 def load_classifier(settings: Settings) -> Classifier:
     info = ModelInfo.from_model_path(settings.model)
     if settings.backend == "onnx":
-        classifier = Classifier(info, settings.batch_size, _onnx_forward(settings, info), fixed_shape=False)
+        forward, served = _onnx_forward(settings, info)
+        classifier = Classifier(info, settings.batch_size, forward, fixed_shape=False, served=served)
     else:
-        classifier = Classifier(info, settings.batch_size, _tf_forward(settings, info), fixed_shape=True)
+        classifier = Classifier(info, settings.batch_size, _tf_forward(settings, info), fixed_shape=True,
+                                served=Served("fp32", Path(settings.model), "TensorFlow"))
     classifier.warm_up()
-    log.info("loaded model %s (%s backend, batch %d)", info.name, settings.backend, settings.batch_size)
+    log.info("loaded model %s (%s backend, %s, batch %d)", info.name, settings.backend,
+             classifier.served.describe(), settings.batch_size)
     return classifier
 
 
 def onnx_path_for(model_path: str) -> Path:
-    return Path(model_path).with_suffix(".onnx")
+    return onnx_path(model_path)
+
+
+# ---- precision and execution provider (issue 15) ---------------------------------------------------
+@dataclass(frozen=True)
+class Served:
+    """What a worker actually serves: precision, file and execution provider (after every fallback)."""
+
+    precision: str
+    path: Path
+    provider: str
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{self.precision} {self.path.name} on {self.provider}" + (f" ({self.note})" if self.note else "")
+
+
+def int8_problem(model_path: str, as_default: bool = False) -> str | None:
+    """Why the INT8 model beside ``model_path`` cannot be served (None: it can).
+
+    It must exist and record the sha256 of the FP32 ONNX it was made from
+    (``crackq export --int8`` writes it only after it passed the accuracy
+    gate), so an INT8 file left from an older model is never served.
+    """
+    import onnxruntime as ort
+
+    path = int8_onnx_path(model_path)
+    if not path.exists():
+        return f"{path.name} not found (make it with `crackq export --int8 {model_path}`)"
+    fp32 = onnx_path(model_path)
+    if not fp32.exists():
+        return f"{fp32.name} (its FP32 source) not found"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    meta = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).get_modelmeta()
+    if meta.custom_metadata_map.get(INT8_SOURCE_KEY) != file_sha256(fp32):
+        return f"{path.name} was made from another FP32 model (re-run `crackq export --int8 {model_path}`)"
+    if as_default and meta.custom_metadata_map.get(INT8_DEFAULT_KEY) != "true":
+        return (f"{path.name} did not pass the accuracy gate on every labelled test set (model_card.json "
+                "int8.test_gate); set CRACKQ_PRECISION=int8 to serve it anyway")
+    return None
+
+
+def resolve_precision(settings: Settings) -> tuple[str, Path, str]:
+    """``(precision, ONNX file, note)`` for an onnx worker.
+
+    ``CRACKQ_PRECISION`` empty: the device decides -- a CPU worker serves INT8
+    when the INT8 model of the current FP32 ONNX is there and passed the
+    accuracy gate on every labelled test set (else FP32, with the reason in the note); a GPU worker serves FP32 (FP16 on request:
+    INT8 QDQ models gain nothing on the CUDA provider).  ``int8`` asked for
+    explicitly and not servable is an error, never a silent FP32.
+    """
+    fp32 = onnx_path(settings.model)
+    if settings.precision == "int8":
+        problem = int8_problem(settings.model)
+        if problem:
+            raise FileNotFoundError(f"CRACKQ_PRECISION=int8: {problem}")
+        return "int8", int8_onnx_path(settings.model), ""
+    if settings.precision in ("fp32", "fp16"):
+        return settings.precision, fp32, ""
+    if settings.device == "cpu":
+        problem = int8_problem(settings.model, as_default=True)
+        return ("fp32", fp32, f"INT8 not used: {problem}") if problem else ("int8", int8_onnx_path(settings.model), "")
+    return "fp32", fp32, ""
+
+
+def _providers(settings: Settings) -> list:
+    """CUDA first on a GPU worker when onnxruntime-gpu provides it; the CPU provider always last (fallback)."""
+    import onnxruntime as ort
+
+    providers: list = ["CPUExecutionProvider"]
+    if settings.device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn])
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # noqa: BLE001 - system CUDA libraries may still be found
+                log.warning("onnxruntime.preload_dlls failed: %s", exc)
+        providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+    return providers
+
+
+def _fp16_model(path: Path) -> bytes:
+    """The FP32 ONNX converted to FP16 (inputs/outputs stay float32; the feature statistics stay FP32)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(path))
+    keep = [n.name for n in proto.graph.node
+            if n.op_type in {"Sub", "Sqrt", "Softmax"} or "reduce_std" in n.name or "reduce_variance" in n.name]
+    return convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep).SerializeToString()
 
 
 def _onnx_forward(settings: Settings, info: ModelInfo):
@@ -118,6 +213,13 @@ def _onnx_forward(settings: Settings, info: ModelInfo):
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: export it with `crackq export {settings.model}` "
                                 "or use CRACKQ_BACKEND=tf")
+    precision, path, note = resolve_precision(settings)
+    providers = _providers(settings)
+    on_gpu = providers[0] != "CPUExecutionProvider"
+    if settings.device == "gpu" and not on_gpu:
+        note = "; ".join(filter(None, [note, "no CUDA provider (onnxruntime-gpu and a GPU needed): CPU fallback"]))
+    if precision == "fp16" and not on_gpu:
+        precision, note = "fp32", "; ".join(filter(None, [note, "fp16 needs the CUDA provider: fp32 on the CPU"]))
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.threads or (os.cpu_count() or 1)
     options.inter_op_num_threads = 1
@@ -125,10 +227,11 @@ def _onnx_forward(settings: Settings, info: ModelInfo):
     # Idle inference threads sleep instead of busy-waiting: they share the cores with the decode threads
     # (and with other worker processes), which a spinning thread would starve (docs/performance.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if settings.device == "gpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    source = _fp16_model(path) if precision == "fp16" else str(path)
+    session = ort.InferenceSession(source, options, providers=providers)
+    provider = session.get_providers()[0]
+    if settings.device == "gpu" and on_gpu and provider != "CUDAExecutionProvider":
+        note = "; ".join(filter(None, [note, "CUDA provider failed to start: CPU fallback"]))
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
     prob_name = next(n for n in names if "prob" in n)
@@ -138,7 +241,9 @@ def _onnx_forward(settings: Settings, info: ModelInfo):
         p, f = session.run([prob_name, feat_name], {input_name: batch})
         return p, f
 
-    return forward
+    if note:
+        log.warning("model %s: %s", path.name, note)
+    return forward, Served(precision, path, provider, note)
 
 
 def configure_tensorflow(settings: Settings):

@@ -214,6 +214,29 @@ def observe_failure() -> None:
         _metrics.failed.inc()
 
 
+_refused = {}  # the main process's counter of refused messages, made on first use
+
+
+def observe_refused(reason: str) -> None:
+    """A message refused by the consumer (undecodable, malformed, not a crackq task), by reason kind.
+
+    Refusals happen in the worker's main process (the consumer), which has no
+    :class:`_Metrics`; its counter is made on first use, in multiprocess mode
+    like the pool's, so the endpoint sums it in.
+    """
+    if not os.environ.get(MULTIPROC_ENV):
+        return
+    counter = _refused.get(os.getpid())
+    if counter is None:
+        from prometheus_client import Counter
+
+        counter = Counter("crackq_messages_refused", "Queue messages refused and parked in the dead-letter list "
+                          "(undecodable, malformed, refused task).", ["reason"])
+        _refused.clear()
+        _refused[os.getpid()] = counter
+    counter.labels(reason=reason).inc()
+
+
 @worker_init.connect
 def _serve_in_main_process(**_kwargs):
     try:

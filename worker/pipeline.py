@@ -25,19 +25,27 @@ import numpy as np
 from PIL import Image
 
 from shared.config import Settings
-from shared.contract import ChunkOptions, error_record, label_for, result_record
+from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (ImageError, PreparedImage, check_file, needs_tiling, oriented_size,
-                                  prepare_image, tile_grid)
+from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, needs_tiling, open_checked,
+                                  oriented_size, prepare_image, tile_count)
 # ---- object storage and rasters read by windows (issue 12): shared/storage.py, shared/raster.py
 from shared import raster, storage
-from shared.storage import is_under_roots
 # ---- end issue 12
 
 log = logging.getLogger(__name__)
 
 #: Files this small are counted as one model input without reading their header (a 227 px JPEG is ~20 KB).
 SMALL_FILE = 64 * 1024
+
+
+@dataclass
+class _Opened:
+    """An item's file, opened once and checked against the data roots (or why it could not be)."""
+
+    item: dict
+    handle: object = None
+    error: str = ""
 
 
 @dataclass
@@ -65,11 +73,13 @@ class ChunkRunner:
         self.worker_name = worker_name
         self.domain = domain
         self.roots = settings.effective_data_roots
+        self.local_roots = tuple(r for r in self.roots if not storage.is_remote(r))  # issue 12
         self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
         limit_blas_threads()
 
     def run(self, items: list[dict], options: ChunkOptions,
             should_stop: Callable[[], bool] = lambda: False) -> ChunkOutput:
+        options = resolve_threshold(options, self.classifier.info.card)  # issue 11: the card's threshold
         out = ChunkOutput({}, {})
         group: list[_Decoded] = []
         n_inputs = 0
@@ -115,11 +125,12 @@ class ChunkRunner:
                     item = next(queue, None)
                     if item is None:
                         return
-                    upcoming[0] = (item, self._expected_inputs(item, options))
-                item, cost = upcoming[0]
+                    opened = self._open(item)
+                    upcoming[0] = (opened, self._expected_inputs(opened, options))
+                opened, cost = upcoming[0]
                 if pending and sum(c for _, c in pending) + cost > input_cap:
                     return
-                pending.append((self.pool.submit(self._decode, item, options), cost))
+                pending.append((self.pool.submit(self._decode, opened, options), cost))
                 upcoming[0] = None
 
         while True:
@@ -130,52 +141,68 @@ class ChunkRunner:
             refill()  # the next big photo starts decoding while this one is in the model
             yield decoded
 
-    def _expected_inputs(self, item: dict, options: ChunkOptions) -> int:
-        """Model inputs ``item`` will give (its tile count, from the header only); 1 when unknown.
+    def _open(self, item: dict) -> _Opened:
+        """The item's file, opened once (:func:`open_checked`): every later read uses this handle."""
+        if storage.is_remote(item["path"]):  # issue 12: checked against the s3:// roots, fetched by _decode
+            return _Opened(item) if storage.is_under_roots(item["path"], self.roots) else \
+                _Opened(item, error=OUTSIDE_ROOTS)
+        try:
+            return _Opened(item, open_checked(item["path"], self.local_roots, self.settings.max_file_bytes))
+        except ImageError as exc:
+            return _Opened(item, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad path must not take the chunk down
+            return _Opened(item, error=f"cannot open file: {type(exc).__name__}: {str(exc)[:120]}")
 
-        Files under :data:`SMALL_FILE` count 1 without opening them: patches are
+    def _expected_inputs(self, opened: _Opened, options: ChunkOptions) -> int:
+        """Model inputs the item will give (its tile count, from the header only); 1 when unknown.
+
+        Files under :data:`SMALL_FILE` count 1 without reading their header: patches are
         the common case and the header read would cost the inference thread ~0.2 ms each.
         """
-        path = item["path"]
-        if "window" in item:  # a raster window (issue 12): its tile count, nothing read
-            return raster.expected_inputs(item, options.tile_size, options.tile_overlap)
+        if "window" in opened.item and not opened.error:  # a raster window (issue 12): its tile count
+            return raster.expected_inputs(opened.item, options.tile_size, options.tile_overlap)
+        if opened.handle is None or not options.tile_size:
+            return 1
         try:
-            if not options.tile_size or not is_under_roots(path, self.roots) or storage.is_remote(path):
+            if os.fstat(opened.handle.fileno()).st_size <= SMALL_FILE:
                 return 1
-            if os.path.getsize(path) <= SMALL_FILE:
-                return 1
-            check_file(path, self.settings.max_file_bytes)
-            width, height = oriented_size(path, self.settings.max_pixels)
+            width, height = oriented_size(opened.handle, self.settings.max_pixels)
         except Exception:  # noqa: BLE001 - the decode reports what is wrong with the file
             return 1
         if not needs_tiling(width, height, options.tile_size):
             return 1
-        return len(tile_grid(width, height, options.tile_size, options.tile_overlap))
+        tiles = tile_count(width, height, options.tile_size, options.tile_overlap)
+        return 1 if tiles > self.settings.max_tiles else tiles  # refused by the decode, at no cost
 
-    def _decode(self, item: dict, options: ChunkOptions) -> _Decoded:
+    def _decode(self, opened: _Opened, options: ChunkOptions) -> _Decoded:
         start = time.perf_counter()
-        decoded = _Decoded(item)
-        path = item["path"]
+        decoded = _Decoded(opened.item)
+        handle = opened.handle
         try:
-            if not is_under_roots(path, self.roots):
-                raise ImageError("path outside the worker's data roots (CRACKQ_DATA_ROOTS)")
-            if "window" in item:  # issue 12: one window of a raster, read with rasterio
+            if opened.error:
+                raise ImageError(opened.error)
+            if "window" in opened.item:  # issue 12: one window of a raster, read with rasterio
                 decoded.prepared = raster.prepare_window(
-                    path, item["window"], size=self.classifier.info.input_size, tile=options.tile_size or 227,
+                    raster.opened_path(handle, opened.item["path"]), opened.item["window"],
+                    size=self.classifier.info.input_size, tile=options.tile_size or 227,
                     overlap=options.tile_overlap, max_pixels=self.settings.max_pixels)
-                decoded.decode_ms = (time.perf_counter() - start) * 1000
-                return decoded
-            path = storage.source(path, self.settings.max_file_bytes)  # issue 12: s3:// objects fetched whole
-            decoded.prepared = prepare_image(
-                path, size=self.classifier.info.input_size, tile=options.tile_size, overlap=options.tile_overlap,
-                max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
-            decoded.meta = _metadata(path)
+            else:
+                if handle is None:  # issue 12: an s3:// object, fetched whole in this decode thread
+                    handle = storage.source(opened.item["path"], self.settings.max_file_bytes)
+                decoded.prepared = prepare_image(
+                    handle, size=self.classifier.info.input_size, tile=options.tile_size,
+                    overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
+                    max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles)
+                decoded.meta = _metadata(handle)
         except ImageError as exc:
             decoded.error = str(exc)
         except MemoryError:
             decoded.error = "out of memory while decoding"
         except Exception as exc:  # noqa: BLE001 - a bad file must not take the chunk down
             decoded.error = f"cannot decode image: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            if handle is not None:
+                handle.close()
         decoded.decode_ms = (time.perf_counter() - start) * 1000
         return decoded
 
@@ -265,9 +292,10 @@ def _domain_fields(scores: np.ndarray, familiar: np.ndarray) -> dict:
     return {"in_domain": share >= 0.5, "domain_score": round(float(np.median(scores)), 4)}
 
 
-def _metadata(path: str) -> dict:
+def _metadata(handle) -> dict:
     try:
-        with Image.open(path) as img:
+        handle.seek(0)
+        with Image.open(handle) as img:  # (a file given to Pillow is not closed by the with)
             return photo_metadata(img)
     except Exception:  # noqa: BLE001 - metadata is optional
         return {}

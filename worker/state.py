@@ -38,7 +38,7 @@ def load(settings: Settings | None = None):
             from worker.pipeline import ChunkRunner
 
             classifier = load_classifier(settings)
-            domain = DomainScorer.load(classifier.info.directory)
+            domain = DomainScorer.load(classifier.info.directory, classifier.served.precision)
             _state["runner"] = ChunkRunner(classifier, settings, worker_name(), domain)
             _state["settings"] = settings
             _state["pid"] = os.getpid()
