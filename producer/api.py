@@ -25,10 +25,15 @@ from typing import Callable, Iterator
 
 from shared.config import Settings
 from shared.connections import connect, is_busy
-from shared.contract import TASK_NAME, ChunkOptions, make_items
+from shared.contract import TASK_NAME, ChunkOptions
 from shared.leases import recover_with
 from shared.queue import make_celery
 from shared.store import JobStatus, JobStore, new_job_id
+
+# ---- issue 12: rasters read by windows, objects in S3 (producer/rasters.py, shared/storage.py)
+from producer.rasters import assemble, item_weight, plan_items
+from shared.storage import size_hint
+# ---- end issue 12
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +85,11 @@ class Client:
         if not paths:
             raise ValueError("no images to submit")
         options = options or self.options()
-        chunks = plan_chunks(make_items(paths), chunk_size or self.settings.chunk_size)
+        items = plan_items(paths, options, self.settings.raster_window)  # issue 12: one item per raster window
+        chunks = plan_chunks(items, chunk_size or self.settings.chunk_size)
         job_id = new_job_id()
         self._retry_busy(lambda: self.store.create(
-            job_id, total=len(paths), chunks=len(chunks), options=options.to_dict(),
+            job_id, total=len(items), chunks=len(chunks), options=options.to_dict(),
             model=os.path.basename(self.settings.model), state="submitting"))
         ids = [str(uuid.uuid4()) for _ in chunks]
         try:
@@ -193,7 +199,8 @@ class Client:
             time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
 
     def results(self, job_id: str, per_tile: bool = False) -> Iterator[dict]:
-        return self.store.results(job_id, with_tiles=per_tile)
+        # issue 12: the window records of a raster come back as one record per raster
+        return assemble(self.store.results(job_id, with_tiles=per_tile))
 
     def cancel(self, job_id: str) -> JobStatus:
         return self.store.cancel(job_id)
@@ -243,7 +250,7 @@ def plan_chunks(items: list[dict], chunk_size: int) -> list[list[dict]]:
     """
     chunks, current, weight = [], [], 0
     for item in items:
-        w = _weight(item["path"])
+        w = item_weight(item) or _weight(item["path"])
         if current and weight + w > chunk_size:
             chunks.append(current)
             current, weight = [], 0
@@ -255,7 +262,5 @@ def plan_chunks(items: list[dict], chunk_size: int) -> list[list[dict]]:
 
 
 def _weight(path: str) -> int:
-    try:
-        return max(1, math.ceil(os.path.getsize(path) / BYTES_PER_UNIT))
-    except OSError:
-        return 1
+    size = size_hint(path)  # issue 12: sizes of s3:// objects come from their listing
+    return 1 if size is None else max(1, math.ceil(size / BYTES_PER_UNIT))

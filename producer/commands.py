@@ -17,10 +17,11 @@ import click
 
 from producer.api import Client
 from producer.discover import discover
-from producer.formats import FORMATS, PER_TILE_COLUMNS, format_for, open_results_file, write
+from producer.formats import FORMATS, MAP_FORMATS, PER_TILE_COLUMNS, format_for, open_results_file, write
 from shared.config import Settings, describe
 from shared.connections import RedisUnavailable, mask_url
 from shared.contract import MIN_TILE_SIZE, RESULT_COLUMNS, check_threshold, check_tiling
+from shared.storage import StorageError
 from shared.store import UnknownJob
 
 
@@ -55,7 +56,10 @@ def _job_errors():
 
 
 def _find_images(paths, recursive: bool) -> list[str]:
-    found = discover(list(paths), recursive=recursive)
+    try:
+        found = discover(list(paths), recursive=recursive)
+    except StorageError as exc:  # issue 12: an s3:// listing failed (endpoint, credentials, bucket)
+        raise InputError(str(exc)) from None
     for arg in found.unmatched:
         click.echo(f"warning: no images found in {arg}", err=True)
     if found.skipped:
@@ -200,7 +204,8 @@ def _finish_message(st) -> None:
 @click.command()
 @click.argument("job")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
-              help="csv (default), jsonl or geojson (photos with GPS).")
+              help="csv (default), jsonl, geojson (photos with GPS, crack tiles of GeoTIFFs in WGS84) or "
+                   "gpkg (GeoPackage in the raster's CRS; needs --output).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write to this file instead of stdout.")
 @click.option("--per-tile", is_flag=True, help="Add the per-tile records after each photo's record.")
@@ -211,12 +216,16 @@ def results(job, fmt, output, per_tile, overlays, redis_url):
     """Write a job's results (readable while it is still running)."""
     client = _client(redis_url)
     fmt = format_for(output, fmt)
+    if fmt == "gpkg" and not output:
+        raise InputError("--format gpkg writes a file: give --output FILE.gpkg")
+    on_map = fmt in MAP_FORMATS  # issue 12: map formats need the tile polygons of georeferenced rasters
     with _job_errors():
         client.status(job)
-        records = client.results(job, per_tile=per_tile or bool(overlays))
+        records = client.results(job, per_tile=per_tile or bool(overlays) or on_map)
         if overlays:
             records = list(records)
-        n = _write_results(records if per_tile or not overlays else [r for r in records if "tile" not in r],
+        keep_tiles = per_tile or on_map or not overlays
+        n = _write_results(records if keep_tiles else [r for r in records if "tile" not in r],
                            fmt, output, per_tile)
         if overlays:
             _write_overlays(records, overlays, client.store.options(job).get("threshold", 0.5))
@@ -235,12 +244,23 @@ def _write_overlays(records: list[dict], folder: str, threshold: float) -> None:
 
 def _write_results(records, fmt: str, output: str | None, per_tile: bool) -> int:
     columns = PER_TILE_COLUMNS if per_tile else RESULT_COLUMNS
+    if fmt == "gpkg":  # issue 12
+        from producer.mapping import write_gpkg
+
+        return write_gpkg(records, _fresh(output), all_tiles=per_tile)
     if output:
         with open_results_file(output) as fh:
-            return write(records, fh, fmt, columns)
+            return write(records, fh, fmt, columns, all_tiles=per_tile)
     # File names that are not UTF-8 are written as their original bytes (docs/reliability.md).
     sys.stdout.reconfigure(errors="surrogateescape")
-    return write(records, sys.stdout, fmt, columns)
+    return write(records, sys.stdout, fmt, columns, all_tiles=per_tile)
+
+
+def _fresh(path: str) -> str:
+    """A GeoPackage is a database: an old file would keep its layers, so it is replaced."""
+    if os.path.exists(path):
+        os.remove(path)
+    return path
 
 
 @click.command()

@@ -4,7 +4,7 @@ Files named explicitly are always kept (a missing or non-image file then gets
 a per-image error record, so every input has a result row); files found by
 walking a folder or expanding a glob are kept only if their extension is an
 image's.  Paths are made absolute, because workers on other machines read the
-same paths.
+same paths; ``s3://`` URLs are listed in the object store and kept as URLs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
+from shared import storage
 from shared.preprocessing import IMAGE_EXTENSIONS
 
 _GLOB_CHARS = set("*?[")
@@ -40,6 +41,9 @@ def discover(arguments: list[str], recursive: bool = True) -> Discovery:
             found.paths.append(path)
 
     for arg in arguments:
+        if storage.is_remote(arg):  # issue 12: s3:// keys, prefixes and globs (shared/storage.py)
+            _list_remote(arg, recursive, found, seen)
+            continue
         arg = os.path.expanduser(arg)
         if os.path.isdir(arg):
             before = len(found.paths)
@@ -70,3 +74,18 @@ def _walk(folder: str, recursive: bool, keep, found: Discovery) -> None:
                 found.skipped += 1
         if not recursive:
             break
+
+
+def _list_remote(url: str, recursive: bool, found: Discovery, seen: set[str]) -> None:
+    """Objects of an ``s3://`` key, prefix or glob; a listing failure raises :class:`shared.storage.StorageError`."""
+    try:
+        images, skipped = storage.list_images(url, is_image_name, recursive=recursive)
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"cannot list {url}: {exc}") from None
+    found.skipped += skipped
+    for image in images:
+        if image not in seen:
+            seen.add(image)
+            found.paths.append(image)
+    if not images:
+        found.unmatched.append(url)

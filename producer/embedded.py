@@ -118,7 +118,7 @@ def local_workers(redis_url: str, concurrency: int, data_roots: list[str], env: 
                   log_path: str | None = None, extra: list[str] | None = None):
     """Start ``crackq worker --concurrency N`` against ``redis_url``; stop its whole group afterwards."""
     environment = {**os.environ, **(env or {}), "CRACKQ_REDIS_URL": redis_url,
-                   "CRACKQ_DATA_ROOTS": os.pathsep.join(data_roots)}
+                   "CRACKQ_DATA_ROOTS": ",".join(data_roots)}  # comma: s3:// roots contain ':' (issue 12)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(worker_command(concurrency, extra), env=environment, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=str(Path.cwd()))
@@ -137,6 +137,7 @@ def data_roots_for(paths: list[str]) -> list[str]:
     file, and the local workers run as that same user.  Any other file in those
     folders' surroundings stays out of reach.
     """
+    paths = [p for p in paths if not p.lower().startswith("s3://")]  # s3:// roots: shared.storage.roots_for
     folders = sorted({os.path.dirname(os.path.abspath(p)) for p in paths} |
                      {os.path.dirname(os.path.realpath(p)) for p in paths if os.path.islink(p)})
     roots: list[str] = []

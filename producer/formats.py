@@ -2,7 +2,10 @@
 
 CSV columns are :data:`shared.contract.RESULT_COLUMNS` in that order; GeoJSON
 holds one Point feature per photo that has GPS (``[longitude, latitude(,
-altitude)]``, WGS84 as RFC 7946 requires) with the result fields as properties.
+altitude)]``, WGS84 as RFC 7946 requires) with the result fields as properties,
+and one Polygon per crack tile of a georeferenced raster (every tile with
+``--per-tile``), reprojected to WGS84 (:mod:`producer.mapping`); ``gpkg`` writes
+the same polygons to a GeoPackage in the raster's own CRS.
 
 Files must be safe to open (docs/reliability.md, *Result files*): a CSV text
 cell that a spreadsheet would run as a formula (``= + - @``, tab, CR first) is
@@ -24,7 +27,9 @@ from shared.contract import RESULT_COLUMNS, TILE_COLUMNS, finite
 #: CSV columns when per-tile records follow each photo's record.
 PER_TILE_COLUMNS = RESULT_COLUMNS + tuple(c for c in TILE_COLUMNS if c not in RESULT_COLUMNS)
 
-FORMATS = ("csv", "jsonl", "geojson")
+FORMATS = ("csv", "jsonl", "geojson", "gpkg")
+#: Formats that place results on a map: they need the tile records of georeferenced rasters (issue 12).
+MAP_FORMATS = ("geojson", "gpkg")
 
 
 def format_for(filename: str | None, explicit: str | None) -> str:
@@ -37,6 +42,8 @@ def format_for(filename: str | None, explicit: str | None) -> str:
             return "jsonl"
         if lower.endswith((".geojson", ".json")):
             return "geojson"
+        if lower.endswith(".gpkg"):
+            return "gpkg"
     return "csv"
 
 
@@ -49,8 +56,12 @@ def open_results_file(path: str) -> IO[str]:
     return open(path, "w", newline="", encoding="utf-8", errors="surrogateescape")
 
 
-def write(records: Iterable[dict], out: IO[str], fmt: str, columns=RESULT_COLUMNS) -> int:
-    writer = {"csv": write_csv, "jsonl": write_jsonl, "geojson": write_geojson}[fmt]
+def write(records: Iterable[dict], out: IO[str], fmt: str, columns=RESULT_COLUMNS, all_tiles: bool = False) -> int:
+    if fmt == "geojson":  # issue 12: tile polygons of georeferenced rasters (all of them with all_tiles)
+        return write_geojson(records, out, all_tiles=all_tiles)
+    if fmt == "gpkg":
+        raise ValueError("a GeoPackage is a file: give --output/--out FILE.gpkg")
+    writer = {"csv": write_csv, "jsonl": write_jsonl}[fmt]
     return writer(records, out, columns) if fmt == "csv" else writer(records, out)
 
 
@@ -77,8 +88,12 @@ def write_jsonl(records: Iterable[dict], out: IO[str]) -> int:
     return n
 
 
-def write_geojson(records: Iterable[dict], out: IO[str]) -> int:
+def write_geojson(records: Iterable[dict], out: IO[str], all_tiles: bool = False) -> int:
+    from producer.mapping import tile_features  # issue 12
+
+    records = list(records)
     features = [feature(r) for r in records if _has_position(r) and "tile" not in r]
+    features += tile_features(records, all_tiles)  # issue 12: crack tiles of georeferenced rasters, in WGS84
     json.dump(finite({"type": "FeatureCollection", "features": features}), out, ensure_ascii=False,
               allow_nan=False)
     out.write("\n")

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from shared import raster, storage
+from shared.config import Settings
 from shared.preprocessing import ImageError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,20 @@ def render(photo: dict, tiles: list[dict], threshold: float, max_side: int = MAX
     width, height = int(photo["width"]), int(photo["height"])
     scale = min(1.0, max_side / max(width, height))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    base = load_rgb(photo["path"], draft_scale=scale)  # JPEG decoded at 1/2..1/8 when that is enough
+    base = _base(photo["path"], size, scale, "windows" in photo)
     if base.size != size:
         base = base.resize(size, Image.Resampling.BILINEAR)
     prob = probability_map(tiles, size, scale)
     shaded = shade(base, prob, threshold)
     _outline(shaded, tiles, threshold, scale)
     return _with_caption(shaded, photo, tiles, threshold)
+
+
+def _base(path: str, size: tuple[int, int], scale: float, windowed: bool) -> Image.Image:
+    """The photo at map size: JPEG decoded at 1/2..1/8 when that is enough; a raster read decimated (issue 12)."""
+    if windowed:
+        return raster.read_reduced(path, size)
+    return load_rgb(storage.source(path, Settings().max_file_bytes), draft_scale=scale)
 
 
 def probability_map(tiles: list[dict], size: tuple[int, int], scale: float) -> np.ndarray:

@@ -11,9 +11,10 @@ from collections import Counter
 
 from producer.api import Client
 from producer.embedded import data_roots_for, local_workers, private_redis
-from producer.formats import PER_TILE_COLUMNS, open_results_file, write
+from producer.formats import MAP_FORMATS, PER_TILE_COLUMNS, open_results_file, write
 from shared.config import Settings
 from shared.contract import RESULT_COLUMNS
+from shared.storage import roots_for
 
 
 def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv", workers: int | None = None,
@@ -34,15 +35,16 @@ def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv"
         client = Client(settings)
         if workers:
             log = os.path.join(tempfile.gettempdir(), f"crackq-run-workers-{os.getpid()}.log")
-            stack.enter_context(local_workers(settings.redis_url, workers, data_roots_for(images),
+            stack.enter_context(local_workers(settings.redis_url, workers, data_roots_for(images) + roots_for(images),
                                               env=worker_env, log_path=log))
         start = time.monotonic()
         options = client.options(per_tile=per_tile or bool(overlays) or None)
         job_id = client.submit(images, options, on_created=on_created)
         status = progress(client, job_id, timeout) if progress else client.wait(job_id, timeout=timeout)
         seconds = time.monotonic() - start
-        records = list(client.results(job_id, per_tile=per_tile or bool(overlays)))
-        _write_file(out, fmt, records if per_tile else [r for r in records if "tile" not in r], per_tile)
+        on_map = fmt in MAP_FORMATS  # issue 12: tile polygons of georeferenced rasters
+        records = list(client.results(job_id, per_tile=per_tile or bool(overlays) or on_map))
+        _write_file(out, fmt, records if per_tile or on_map else [r for r in records if "tile" not in r], per_tile)
         photos = [r for r in records if "tile" not in r]
         if overlays:
             from producer.overlays import write_overlays
@@ -59,8 +61,15 @@ def default_local_workers(settings: Settings) -> int:
 def _write_file(out: str, fmt: str, records: list[dict], per_tile: bool) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
+    if fmt == "gpkg":  # issue 12
+        from producer.mapping import write_gpkg
+
+        if os.path.exists(out):
+            os.remove(out)
+        write_gpkg(records, out, all_tiles=per_tile)
+        return
     with open_results_file(out) as fh:
-        write(records, fh, fmt, PER_TILE_COLUMNS if per_tile else RESULT_COLUMNS)
+        write(records, fh, fmt, PER_TILE_COLUMNS if per_tile else RESULT_COLUMNS, all_tiles=per_tile)
 
 
 def _summary(job_id: str, state: str, photos: list[dict], seconds: float, out: str) -> dict:

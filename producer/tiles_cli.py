@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from producer.discover import discover
+from shared import storage
 from shared.config import Settings
 from shared.preprocessing import Box, ImageError, check_file, load_rgb, oriented_size, tile_grid
 
@@ -48,7 +49,10 @@ def export(photos, out, size, sample, seed, strategy, no_recursive):
     size = size or settings.tile_size
     if not size:
         raise click.UsageError("tiling is off (CRACKQ_TILE_SIZE=0): give --size")
-    found = discover(list(photos), recursive=not no_recursive)
+    try:
+        found = discover(list(photos), recursive=not no_recursive)
+    except storage.StorageError as exc:  # issue 12: an s3:// listing failed
+        raise click.ClickException(str(exc)) from None
     if not found.paths:
         raise click.ClickException("no images found in " + " ".join(photos))
     grid, failed = plan(found.paths, size, settings.max_pixels, settings.max_file_bytes)
@@ -73,8 +77,9 @@ def plan(paths: list[str], size: int, max_pixels: int,
     failed: dict[str, str] = {}
     for path in paths:
         try:
-            check_file(path, max_file_bytes)
-            width, height = oriented_size(path, max_pixels)
+            source = storage.source(path, max_file_bytes)  # issue 12: s3:// objects fetched
+            check_file(source, max_file_bytes)
+            width, height = oriented_size(source, max_pixels)
         except ImageError as exc:
             failed[path] = str(exc)
             continue
@@ -118,7 +123,7 @@ def write_tiles(by_photo: dict[str, list[Box]], out: Path, max_pixels: int, max_
     rows = []
     for path, boxes in by_photo.items():
         try:
-            img = load_rgb(path, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+            img = load_rgb(storage.source(path, max_file_bytes), max_pixels=max_pixels, max_file_bytes=max_file_bytes)
         except ImageError as exc:
             failed[path] = str(exc)
             continue

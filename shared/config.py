@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -24,7 +25,14 @@ DEFAULT_MODEL = PROJECT_ROOT / "models" / "crackq_mobilenetv2.keras"
 
 
 def _split_roots(value: str) -> tuple[str, ...]:
-    return tuple(os.path.abspath(p) for p in value.split(os.pathsep) if p.strip())
+    """Data roots from ``CRACKQ_DATA_ROOTS``: comma- or os.pathsep-separated; ``s3://bucket/prefix/`` kept as is.
+
+    ``:`` (os.pathsep on POSIX) also separates roots, except where it starts ``://``,
+    so ``/data:/more``, ``/data,s3://survey-bucket/`` and ``/data:s3://survey-bucket/`` all work.
+    """
+    separators = "," + (r"|:(?!//)" if os.pathsep == ":" else "|" + re.escape(os.pathsep))
+    parts = (p.strip() for p in re.split(separators, value))
+    return tuple(p if p.lower().startswith("s3://") else os.path.abspath(p) for p in parts if p)
 
 
 def _parse_bool(value: str) -> bool:
@@ -61,8 +69,8 @@ class Settings:
     result_ttl: int = field(default=7 * 24 * 3600, metadata={
         "help": "Seconds that a job and its results live in Redis after their last update."})
     data_roots: tuple[str, ...] = field(default=(), metadata={
-        "help": "Folders (os.pathsep-separated) workers may read images from. Empty: the worker's "
-                "working directory."})
+        "help": "Folders and s3://bucket/prefix/ URLs (comma- or os.pathsep-separated) workers may read images "
+                "from; any other bucket or prefix is refused. Empty: the worker's working directory."})
     threshold: float = field(default=0.5, metadata={
         "help": "crack_probability at or above which an image (or tile) is labelled crack."})
     tile_size: int = field(default=227, metadata={
@@ -72,6 +80,9 @@ class Settings:
         "help": "Images with more pixels than this are refused with an error record (decompression bombs)."})
     max_file_bytes: int = field(default=512 * 1024 * 1024, metadata={
         "help": "Files larger than this are refused with an error record."})
+    raster_window: int = field(default=4096, metadata={
+        "help": "GeoTIFFs (and TIFFs larger than this squared) are read by windows of about this many px a side "
+                "(whole tiles), one window per task item, so a large orthomosaic spreads over all workers."})
     queue: str = field(default="crackq", metadata={"help": "Celery queue name."})
     visibility_timeout: int = field(default=3600, metadata={
         "help": "Seconds before an unacknowledged chunk (its worker died) is delivered again."})
@@ -127,6 +138,8 @@ class Settings:
             raise ValueError("threshold must be between 0 and 1")
         if self.task_time_limit >= self.visibility_timeout:
             raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
+        if self.raster_window < 256:
+            raise ValueError("raster_window must be at least 256 px")
         from shared.contract import check_tiling
 
         check_tiling(self.tile_size, self.tile_overlap)
@@ -168,6 +181,6 @@ def describe() -> list[tuple[str, str, str]]:
     for f in fields(Settings):
         default = f.default
         if isinstance(default, tuple):
-            default = os.pathsep.join(default)
+            default = ",".join(default)
         rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return rows

@@ -8,7 +8,10 @@ Task ``crackq.classify_chunk(job_id, items, options)``
     ``job_id``  str, the job the chunk belongs to.
     ``items``   list of ``{"index": int, "path": str}``: ``index`` is the
                 image's position in the job (0..total-1), ``path`` an absolute
-                path that the worker must be able to read under its data roots.
+                path or an ``s3://bucket/key`` URL that the worker must be able
+                to read under its data roots.  A raster read by windows is one
+                item per window, with ``"window": [x, y, w, h]`` (raster pixels)
+                and ``"raster": [part, parts]`` (:mod:`shared.raster`).
     ``options`` :class:`ChunkOptions` as a dict (threshold, tiling, per-tile records).
 
 The task writes one :func:`result_record` per item into the job store (keyed
@@ -34,10 +37,12 @@ RESULT_COLUMNS = (
     "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_crack_probability",
     "in_domain", "domain_score",
     "latitude", "longitude", "altitude", "captured_at",
+    "crs",  # issue 12: a georeferenced raster's CRS (its tiles' polygons are in it)
 )
 
 #: Fields of one per-tile record (``--per-tile``).
-TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "crack_probability", "label", "in_domain", "domain_score")
+TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "crack_probability", "label", "in_domain", "domain_score",
+                "polygon")  # issue 12: the tile's closed ring in the raster's CRS (georeferenced rasters)
 
 
 @dataclass(frozen=True)

