@@ -49,7 +49,8 @@ class Client:
 
     def options(self, **changes) -> ChunkOptions:
         s = self.settings
-        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap)
+        base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
+                            scales=s.scales)
         return ChunkOptions(**{**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
 
     def submit(self, paths: list[str], options: ChunkOptions | None = None, chunk_size: int | None = None) -> str:

@@ -70,7 +70,21 @@ def tiling_options(f):
     f = click.option("--tile-size", type=int, default=None, help="Tile size in px for large images (0: no tiling).")(f)
     f = click.option("--tile-overlap", type=int, default=None, help="Overlap between tiles in px.")(f)
     f = click.option("--per-tile", is_flag=True, help="Also store one record per tile (pixel box, probability).")(f)
+    f = click.option("--scales", default=None, callback=_scales_option, metavar="1,2",
+                     help="Tiling scales of large photos: 1 = tiles of the tile size, 2 = of half of it "
+                          "[default: setting scales].")(f)
     return f
+
+
+def _scales_option(ctx, param, value):
+    if value is None:
+        return None
+    from shared.config import parse_scales
+
+    try:
+        return parse_scales(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
@@ -80,10 +94,11 @@ def tiling_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the bare job id.")
 @tiling_options
 @redis_option
-def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_overlap, per_tile, redis_url):
+def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_overlap, per_tile, scales,
+           redis_url):
     """Queue images (files, folders, glob patterns) as one job; print its id."""
     images = _find_images(paths, recursive=not no_recursive)
-    client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap)
+    client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap, scales=scales)
     options = client.options(per_tile=per_tile or None)
     job_id = client.submit(images, options, chunk_size=chunk_size)
     if as_json:
@@ -231,13 +246,13 @@ def cancel(job, redis_url):
 @tiling_options
 @redis_option
 def run(paths, out, fmt, workers, chunk_size, no_recursive, timeout, overlays, threshold, tile_size, tile_overlap,
-        per_tile, redis_url):
+        per_tile, scales, redis_url):
     """Classify images end to end: private Redis + local workers unless CRACKQ_REDIS_URL is set."""
     from producer.runner import run_job
 
     images = _find_images(paths, recursive=not no_recursive)
     settings = Settings.load(redis_url=redis_url, threshold=threshold, tile_size=tile_size,
-                             tile_overlap=tile_overlap, chunk_size=chunk_size)
+                             tile_overlap=tile_overlap, chunk_size=chunk_size, scales=scales)
     try:
         summary = run_job(images, settings, out=out, fmt=format_for(out, fmt), workers=workers,
                           per_tile=per_tile, timeout=timeout, overlays=overlays, progress=_wait_with_progress)

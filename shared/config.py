@@ -60,6 +60,11 @@ class Settings:
     tile_size: int = field(default=227, metadata={
         "help": "Images larger than this (px) are cut into tiles of this size; 0 disables tiling."})
     tile_overlap: int = field(default=0, metadata={"help": "Overlap between neighbouring tiles (px)."})
+    scales: tuple[int, ...] = field(default=(1,), metadata={
+        "parse": "scales",
+        "help": "Comma-separated tiling scales of large photos: 1 = tiles of tile_size, 2 = of half of it "
+                "(each resized to the model input); a region's crack probability is the max over scales "
+                "(docs/drone.md: accuracy and cost per scale)."})
     max_pixels: int = field(default=150_000_000, metadata={
         "help": "Images with more pixels than this are refused with an error record (decompression bombs)."})
     max_file_bytes: int = field(default=512 * 1024 * 1024, metadata={
@@ -89,6 +94,8 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("scales"), (str, list)):
+            values["scales"] = parse_scales(values["scales"])
         if isinstance(values.get("data_roots"), str):
             values["data_roots"] = _split_roots(values["data_roots"])
         return cls(**values).validated()
@@ -107,6 +114,8 @@ class Settings:
             raise ValueError("threshold must be between 0 and 1")
         if self.task_time_limit >= self.visibility_timeout:
             raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
+        if not self.scales or any(not isinstance(v, int) or v < 1 for v in self.scales):
+            raise ValueError(f"scales must be positive integers, e.g. 1,2 (got {self.scales!r})")
         if self.tile_size and self.tile_overlap >= self.tile_size:
             raise ValueError("tile_overlap must be smaller than tile_size")
         return self
@@ -124,7 +133,21 @@ class Settings:
         return max(1, int(self.task_time_limit * 0.9))
 
 
+def parse_scales(value) -> tuple[int, ...]:
+    """``"1,2"`` (or a sequence) -> (1, 2): sorted, unique, each a positive integer."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        scales = tuple(sorted({int(str(p).strip()) for p in parts if str(p).strip()}))
+    except ValueError:
+        raise ValueError(f"scales must be comma-separated positive integers, e.g. 1,2 (got {value!r})") from None
+    if not scales or scales[0] < 1:
+        raise ValueError(f"scales must be comma-separated positive integers, e.g. 1,2 (got {value!r})")
+    return scales
+
+
 def _convert(f: dataclasses.Field, raw: str):
+    if f.metadata.get("parse") == "scales":
+        return parse_scales(raw)
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind.startswith("tuple"):
         return _split_roots(raw)
@@ -143,6 +166,6 @@ def describe() -> list[tuple[str, str, str]]:
     for f in fields(Settings):
         default = f.default
         if isinstance(default, tuple):
-            default = os.pathsep.join(default)
+            default = ",".join(map(str, default)) if f.metadata.get("parse") == "scales" else os.pathsep.join(default)
         rows.append((ENV_PREFIX + f.name.upper(), str(default), f.metadata.get("help", "")))
     return rows

@@ -18,7 +18,9 @@ by ``index``, so a redelivered chunk overwrites) and returns a small summary
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from shared.config import Settings, parse_scales
 
 TASK_NAME = "crackq.classify_chunk"
 
@@ -35,7 +37,9 @@ RESULT_COLUMNS = (
 )
 
 #: Fields of one per-tile record (``--per-tile``).
-TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "crack_probability", "label", "in_domain", "domain_score")
+#: ``scale`` is the tiling scale the tile was scored at (1: tile_size tiles, 2: half-size tiles, ...).
+TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "scale", "crack_probability", "label", "in_domain",
+                "domain_score")
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,16 @@ class ChunkOptions:
     tile_size: int = 227
     tile_overlap: int = 0
     per_tile: bool = False
+    #: Tiling scales of large photos; the default is the ``scales`` setting's (one source of truth).
+    scales: tuple[int, ...] = field(default=Settings.__dataclass_fields__["scales"].default)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", parse_scales(self.scales))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "ChunkOptions":

@@ -27,8 +27,8 @@ from PIL import Image
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (ImageError, PreparedImage, check_file, is_under_roots, needs_tiling,
-                                  oriented_size, prepare_image, tile_grid)
+from shared.preprocessing import (ImageError, PreparedImage, check_file, is_under_roots, multiscale_grid,
+                                  needs_tiling, oriented_size, prepare_image, region_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class ChunkRunner:
             return 1
         if not needs_tiling(width, height, options.tile_size):
             return 1
-        return len(tile_grid(width, height, options.tile_size, options.tile_overlap))
+        return len(multiscale_grid(width, height, options.tile_size, options.tile_overlap, options.scales)[0])
 
     def _decode(self, item: dict, options: ChunkOptions) -> _Decoded:
         start = time.perf_counter()
@@ -152,7 +152,8 @@ class ChunkRunner:
                 raise ImageError("path outside the worker's data roots (CRACKQ_DATA_ROOTS)")
             decoded.prepared = prepare_image(
                 path, size=self.classifier.info.input_size, tile=options.tile_size, overlap=options.tile_overlap,
-                max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes)
+                max_pixels=self.settings.max_pixels, max_file_bytes=self.settings.max_file_bytes,
+                scales=options.scales)
             decoded.meta = _metadata(path)
         except ImageError as exc:
             decoded.error = str(exc)
@@ -187,23 +188,35 @@ class ChunkRunner:
         return self.domain.score(feats, probs)
 
     def _records(self, d: _Decoded, probs, scores, familiar, options: ChunkOptions, elapsed_ms: float):
+        """The photo's record (and its per-tile records).
+
+        With several scales, ``tiles``/``crack_tiles``/``crack_fraction`` count
+        the scale-1 regions, each with the max probability over the scales that
+        cover it (:func:`shared.preprocessing.region_probabilities`); ``tiles_scored``
+        counts every model input.
+        """
         prep = d.prepared
-        n_crack = int((probs >= options.threshold).sum())
+        regions = (probs if prep.scales is None or len(set(prep.scales.tolist())) == 1
+                   else region_probabilities(prep.boxes, prep.scales, probs))
+        n_crack = int((regions >= options.threshold).sum())
         top = float(probs.max())
+        extra = {"tiles_scored": len(probs)} if len(regions) != len(probs) else {}
         record = result_record(
             d.item["path"], label=label_for(top, options.threshold), crack_probability=top,
             model=self.classifier.info.name, worker=self.worker_name, elapsed_ms=elapsed_ms,
-            width=prep.width, height=prep.height, tiles=len(probs), crack_tiles=n_crack,
-            crack_fraction=round(n_crack / len(probs), 6), max_crack_probability=round(top, 6),
-            **_domain_fields(scores, familiar), **d.meta)
+            width=prep.width, height=prep.height, tiles=len(regions), crack_tiles=n_crack,
+            crack_fraction=round(n_crack / len(regions), 6), max_crack_probability=round(top, 6),
+            **_domain_fields(scores, familiar), **d.meta, **extra)
         if prep.boxes is None or not options.per_tile:
             return record, None
+        tile_scales = prep.scales if prep.scales is not None else np.ones(len(probs), np.int64)
         tiles = [
-            {"path": d.item["path"], "tile": i, **box.as_dict(), "crack_probability": round(float(p), 6),
+            {"path": d.item["path"], "tile": i, **box.as_dict(), "scale": int(sc),
+             "crack_probability": round(float(p), 6),
              "label": label_for(float(p), options.threshold),
              "in_domain": None if fam is None else bool(fam),
              "domain_score": None if np.isnan(s) else round(float(s), 4)}
-            for i, (box, p, s, fam) in enumerate(zip(prep.boxes, probs, scores, familiar))
+            for i, (box, sc, p, s, fam) in enumerate(zip(prep.boxes, tile_scales, probs, scores, familiar))
         ]
         return record, tiles
 
