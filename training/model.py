@@ -21,7 +21,7 @@ from shared.preprocessing import INPUT_SIZE
 #: Layer names other code relies on (serving uses "pooled" and "probabilities").
 INPUT_NAME, FEATURES_LAYER, DROPOUT_LAYER, OUTPUT_LAYER = "image", "pooled", "dropout", "probabilities"
 #: Layers of the multi-layer head (``extra_layers`` / ``hidden`` of :func:`build_model`).
-HEAD_INPUT_LAYER, NORM_LAYER, HIDDEN_LAYER = "head_features", "head_norm", "head_hidden"
+HEAD_INPUT_LAYER, HIDDEN_LAYER = "head_features", "head_hidden"
 FEATURES_DIM = 1280
 NUM_BLOCKS = 16  # inverted-residual blocks block_1 … block_16 (block_0 is "expanded_conv")
 
@@ -56,7 +56,6 @@ def build_model(weights: str | None = "imagenet", dropout: float = 0.2, size: in
         parts = [pooled] + [keras.layers.GlobalAveragePooling2D(name=f"mean_{name}")(
             backbone.get_layer(name).output) for name in extra_layers]
         x = keras.layers.Concatenate(name=HEAD_INPUT_LAYER)(parts) if len(parts) > 1 else pooled
-        x = keras.layers.Normalization(name=NORM_LAYER)(x)
         if hidden:
             reg = keras.regularizers.L2(l2) if l2 else None
             x = keras.layers.Dense(hidden, activation="relu", kernel_regularizer=reg, name=HIDDEN_LAYER)(x)
@@ -120,7 +119,7 @@ def head_model(model):
     import keras
 
     names = [layer.name for layer in model.layers]
-    first = names.index(NORM_LAYER) if NORM_LAYER in names else names.index(DROPOUT_LAYER)
+    first = names.index(HIDDEN_LAYER) if HIDDEN_LAYER in names else names.index(DROPOUT_LAYER)
     features = keras.Input((model.layers[first].input.shape[-1],), name="features")
     x = features
     for layer in model.layers[first:]:

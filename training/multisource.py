@@ -154,18 +154,35 @@ def source_weights(names: list[str]) -> np.ndarray:
 
 def fit_head(model, train_x: np.ndarray, train_y: np.ndarray, cfg: HeadConfig, weights=None,
              val=None, seed: int = 0, verbose: int = 0) -> dict:
-    """Fit the head layers of ``model`` (built with ``cfg``) on cached head inputs; returns the history."""
+    """Fit the head layers of ``model`` (built with ``cfg``) on cached head inputs; returns the history.
+
+    The head learns on standardised inputs; the standardisation is then folded
+    into its first Dense layer (``W / std``, ``b - mean / std @ W``), so the
+    saved model reads raw features and exports to plain ONNX constants.
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
+    x = train_x.astype(np.float32)
+    mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-3)
     head = model_lib.head_model(model)
-    norm = model.get_layer(model_lib.NORM_LAYER)
-    norm.adapt(train_x.astype(np.float32))
     head.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), loss="sparse_categorical_crossentropy",
                  metrics=["accuracy"])
-    history = head.fit(train_x.astype(np.float32), train_y, sample_weight=weights, batch_size=cfg.batch_size,
+    if val is not None:
+        val = ((val[0].astype(np.float32) - mean) / std, val[1])
+    history = head.fit((x - mean) / std, train_y, sample_weight=weights, batch_size=cfg.batch_size,
                        epochs=cfg.epochs, validation_data=val, shuffle=True, verbose=verbose)
+    fold_standardisation(model, mean, std)
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def fold_standardisation(model, mean: np.ndarray, std: np.ndarray) -> None:
+    """Make the first Dense layer of the head read raw inputs instead of ``(x - mean) / std``."""
+    names = [layer.name for layer in model.layers]
+    first = model.get_layer(model_lib.HIDDEN_LAYER if model_lib.HIDDEN_LAYER in names else model_lib.OUTPUT_LAYER)
+    kernel, bias = first.get_weights()
+    first.set_weights([(kernel / std[:, None]).astype(np.float32),
+                       (bias - (mean / std) @ kernel).astype(np.float32)])
 
 
 def predict_head(model, x: np.ndarray) -> np.ndarray:

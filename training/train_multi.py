@@ -128,7 +128,7 @@ def describe_architecture(head: ms.HeadConfig) -> str:
     reads = " + ".join(["GlobalAveragePooling2D 'pooled' (1280)"]
                        + [f"spatial mean of {n} ({ms.EXTRA_LAYERS[n]})" for n in head.extra])
     hidden = f"Dense({head.hidden}, relu, L2 {head.l2}) -> " if head.hidden else ""
-    return (f"MobileNetV2 alpha=1.0 (frozen, flat) -> [{reads}] -> Normalization 'head_norm' -> {hidden}"
+    return (f"MobileNetV2 alpha=1.0 (frozen, flat) -> [{reads}] {hidden}"
             f"Dropout({head.dropout}) -> Dense(2, softmax) 'probabilities'")
 
 
