@@ -148,10 +148,11 @@ def test_multi_source_training_tiny(concrete_dir, backbone_weights, uav_subset, 
     assert set(counts) == {"ozgenel", "uav"}
     assert counts["ozgenel"]["train"]["clean"]["total"] == 20 and counts["ozgenel"]["train"]["aug"]["total"] == 20
     assert counts["uav"]["train"]["grid"]["photos"] == 2 and counts["uav"]["train"]["crops"]["total"] == 12
+    assert counts["uav"]["train"]["crops-aug"]["total"] == 12  # "mixed": plain and augmented crops
     assert counts["uav"]["train"]["grid"]["tile_sizes"] == [64, 112, 224]
     assert card["metrics"]["by_source"]["uav"]["test"]["photos"] == 1
     assert set(card["metrics"]["by_source"]["uav"]["test"]["by_tile_size"]) == {"64", "112", "224"}
-    assert card["training"]["augmentation"]["name"] == "full"
+    assert card["training"]["augmentation"]["name"] == "mixed"
     assert "block_13_expand_relu" in card["architecture"]
     assert card["domain"]["by_source"]["test"]["uav"]["n"] > 0
     # the served model keeps the worker contract: probabilities + pooled/texture features

@@ -80,7 +80,7 @@ def _settings(**overrides):
               help="Earlier backbone layer whose spatial mean the head also reads; repeatable (multi-source).")
 @click.option("--hidden", default=D["hidden"].default, show_default=True, type=click.IntRange(1),
               help="Hidden units of --head mlp.")
-@click.option("--augmentation", type=click.Choice(["none", "geometric", "full"]),
+@click.option("--augmentation", type=click.Choice(["none", "geometric", "full", "mixed"]),
               default=D["augmentation"].default, show_default=True,
               help="Multi-source augmentation of cached training draws (docs/training.md).")
 @click.option("--train-per-class", default=D["train_per_class"].default, show_default=True,

@@ -32,7 +32,9 @@ from training.progress import bar
 
 log = logging.getLogger(__name__)
 
-AUGMENTS = {"none": None, "geometric": GEOMETRIC, "full": FULL}
+AUGMENTS = {"none": None, "geometric": GEOMETRIC, "full": FULL, "mixed": FULL}
+#: Crops of a uav training photo without any transform (random position and size only).
+PLAIN_CROPS = AugmentConfig(zoom=(1.0, 1.0), photometric=False)
 OZGENEL = "ozgenel"
 
 
@@ -49,9 +51,13 @@ class SetSpec:
     def description(self) -> dict:
         args = {k: (list_sha256(v) if isinstance(v, (list, tuple)) and len(v) > 8 else v)
                 for k, v in self.args.items() if k != "pairs"}
+        if "root" in args:  # the same folder named two ways is the same set
+            args["root"] = os.path.realpath(args["root"])
         if "pairs" in self.args:
-            args["pairs"] = list_sha256([f"{k}\t{a}\t{b}" for k, (a, b) in sorted(self.args["pairs"].items())])
-        return {"builder": self.builder, "source": self.source, "split": self.split, "kind": self.kind,
+            args["pairs"] = list_sha256([f"{k}\t{os.path.realpath(a)}\t{os.path.realpath(b)}"
+                                         for k, (a, b) in sorted(self.args["pairs"].items())])
+        # "crops-aug" is a second draw of "crops": the builder's arguments (augmentation) tell them apart
+        return {"builder": self.builder, "source": self.source, "split": self.split, "kind": self.kind.split("-")[0],
                 "args": json.loads(json.dumps(args, default=_jsonable))}
 
     def build(self):
@@ -78,7 +84,7 @@ class MultiConfig:
     extra_sources: tuple[str, ...] = ()
     train_per_class: int | None = 2500     # Özgenel train patches per class (seeded sample)
     val_per_class: int | None = 600        # Özgenel val patches per class used for design choices
-    augment: str = "full"
+    augment: str = "mixed"                 # none | geometric | full | mixed (clean + full draws)
     uav_crops_per_photo: int = 40
     uav_max_negatives: int = 6
     seed: int = 42
@@ -122,9 +128,12 @@ def specs(cfg: MultiConfig, splits=SPLIT_NAMES) -> list[SetSpec]:
                 grid["max_negatives_per_photo"] = cfg.uav_max_negatives
             out.append(SetSpec("uav", name, "grid", "grid_tiles", grid))
             if name == "train" and cfg.uav_crops_per_photo:
-                crops = dict(pairs=pairs, stems=stems, per_photo=cfg.uav_crops_per_photo,
-                             cfg=aug or AugmentConfig(zoom=(1.0, 1.0), photometric=False), seed=cfg.seed + 2)
-                out.append(SetSpec("uav", name, "crops", "random_crops", crops))
+                crops = dict(pairs=pairs, stems=stems, per_photo=cfg.uav_crops_per_photo, seed=cfg.seed + 2)
+                if cfg.augment in ("none", "mixed"):
+                    out.append(SetSpec("uav", name, "crops", "random_crops", crops | {"cfg": PLAIN_CROPS}))
+                if aug is not None:
+                    kind = "crops-aug" if cfg.augment == "mixed" else "crops"
+                    out.append(SetSpec("uav", name, kind, "random_crops", crops | {"cfg": aug}))
     for folder in cfg.extra_sources:
         data = list_labelled(folder)
         split = make_split(data, cfg.seed, (70, 15, 15))
@@ -175,7 +184,7 @@ def counts(feature_sets) -> dict:
         entry = out.setdefault(spec.source, {}).setdefault(spec.split, {})
         n_pos = int(f.labels.sum())
         entry[spec.kind] = {"Negative": int(len(f) - n_pos), "Positive": n_pos, "total": int(len(f))}
-        if spec.kind in ("grid", "crops"):
+        if spec.kind in ("grid", "crops", "crops-aug"):
             entry[spec.kind]["photos"] = len(set(f.groups))
             entry[spec.kind]["tile_sizes"] = sorted({int(t) for t in np.unique(f.tile_sizes)})[:12]
     return out
@@ -196,8 +205,14 @@ def describe_sources(cfg: MultiConfig) -> dict:
 
 def augment_doc(cfg: MultiConfig) -> dict:
     aug = cfg.augment_config()
+    applies = {"none": "nothing: clean patches, grid tiles and plain random crops (random size and position)",
+               "mixed": "clean patches + one augmented copy of each; grid tiles + plain random crops + "
+                        "augmented random crops (as many again)"}.get(
+        cfg.augment, "one augmented copy of every training patch, and every uav training crop")
     return {"name": cfg.augment, "draws": 1 if aug else 0, "config": aug.to_dict() if aug else None,
-            "applies_to": "one augmented copy of every training patch, and every uav training crop"}
+            "applies_to": applies,
+            "chosen_by": "validation sets (Özgenel val sample + uav val photos' grid tiles at 224/112/64 px): "
+                         "docs/training.md, 'Design choices'"}
 
 
 def as_dict(cfg: MultiConfig) -> dict:

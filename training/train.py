@@ -64,10 +64,10 @@ class TrainConfig:
     uav_images: str | None = None
     uav_masks: str | None = None
     uav_split: str | None = None          # uav_split.json to reuse (default: a new seeded split by photo)
-    head: str = "linear"                  # "linear": the recipe's Dropout+Dense on pooled; "mlp": multi-layer head
+    head: str = "linear"                  # "linear": the recipe's Dropout+Dense on pooled; "mlp": hidden layer
     head_layers: tuple[str, ...] = ()     # earlier layers whose mean the head reads (multi-source only)
     hidden: int = 256
-    augmentation: str = "full"            # multi-source: none | geometric | full
+    augmentation: str = "mixed"           # multi-source: none | geometric | full | mixed
     train_per_class: int | None = 2500    # multi-source: Özgenel train patches per class
     val_per_class: int | None = 600       # multi-source: Özgenel val patches per class for the head's history
     uav_crops_per_photo: int = 40
