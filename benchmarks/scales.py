@@ -7,8 +7,8 @@ scale-1 tile (a *region*) is labelled from the photo's mask with the rules of
 probability of each combination rule:
 
 * ``scale 1``: its own tile only;
-* ``max``: the max over its tile and the finer tiles centred in it (shipped);
-* ``mean``: the mean of its tile and the max of the finer ones.
+* ``max``: the max over its tile and the finer tiles centred in it;
+* ``mean``: the mean of its own tile and that max (shipped: ``region_probabilities``).
 
 Cost is model inputs per photo and photos/s (and inputs/s) of the whole
 pipeline on this machine, single worker process.  VALIDATION photos only:
@@ -41,10 +41,9 @@ def region_rules(boxes, scales, probs) -> dict[str, np.ndarray]:
     own = np.asarray(probs)[coarse]
     rules = {"scale 1": own}
     if len(set(scales.tolist())) > 1:
-        combined = region_probabilities(boxes, scales, probs)
-        rules["max"] = combined
-        fine_max = np.where(combined > own, combined, own)
-        rules["mean"] = (own + fine_max) / 2
+        combined = region_probabilities(boxes, scales, probs)  # own + half-way to a higher finer tile
+        rules["max"] = 2 * combined - own                        # = max(own, highest finer tile)
+        rules["mean"] = combined
     return rules
 
 

@@ -252,8 +252,14 @@ def multiscale_grid(width: int, height: int, tile: int, overlap: int = 0,
 
 
 def region_probabilities(boxes: list[Box], scales: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Crack probability of each coarsest-scale region: the max of its own tile and the finer tiles
-    whose centre lies inside it (measured against alternatives in ``benchmarks/generalisation.py``)."""
+    """Crack probability of each coarsest-scale region, combining the finer tiles centred in it.
+
+    A region keeps its own tile's probability, raised half-way towards the
+    highest finer tile when that one is higher.  Measured on the uav-concrete
+    VALIDATION photos (``benchmarks/scales.py``, docs/drone.md), taking the plain
+    max over scales ranks regions as well but labels many more of them crack
+    at threshold 0.5 (region accuracy 81-87 % against 92-90 % for this rule).
+    """
     scales = np.asarray(scales)
     probs = np.asarray(probs, dtype=np.float64)
     coarse = np.flatnonzero(scales == scales.min())
@@ -267,7 +273,7 @@ def region_probabilities(boxes: list[Box], scales: np.ndarray, probs: np.ndarray
         b = boxes[i]
         inside = (cx >= b.x) & (cx < b.x + b.w) & (cy >= b.y) & (cy < b.y + b.h)
         if inside.any():
-            out[j] = max(out[j], float(probs[fine[inside]].max()))
+            out[j] = (out[j] + max(out[j], float(probs[fine[inside]].max()))) / 2
     return out
 
 

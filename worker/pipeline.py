@@ -199,7 +199,7 @@ class ChunkRunner:
         regions = (probs if prep.scales is None or len(set(prep.scales.tolist())) == 1
                    else region_probabilities(prep.boxes, prep.scales, probs))
         n_crack = int((regions >= options.threshold).sum())
-        top = float(probs.max())
+        top = float(regions.max())
         extra = {"tiles_scored": len(probs)} if len(regions) != len(probs) else {}
         record = result_record(
             d.item["path"], label=label_for(top, options.threshold), crack_probability=top,
