@@ -106,7 +106,7 @@ def score_service(model: str, folder: Path, files: list[tuple[str, int]], worker
         rows = [r for r in csv.DictReader(out.open()) if not r["error"]]
     labels = [truth[r["path"]] for r in rows]
     return metrics(labels, [float(r["crack_probability"]) for r in rows],
-                   [None if r["in_domain"] == "" else r["in_domain"] == "True" for r in rows])
+                   [None if r["in_domain"] == "" else r["in_domain"].lower() == "true" for r in rows])
 
 
 def leave_one_source_out(model_path: str, cache_dir: str) -> list[dict]:
