@@ -47,11 +47,14 @@ def metrics(labels, probs, in_domain) -> dict:
     pred = probs >= 0.5
     correct = pred == labels.astype(bool)
     recall = [float(np.mean(pred[labels == c] == bool(c))) for c in (0, 1) if (labels == c).any()]
+    known = [d for d in in_domain if d is not None]
     dom = np.array([bool(d) if d is not None else True for d in in_domain])
+    if not known:  # no in-domain answer (e.g. a head without a description): coverage is not defined
+        dom = np.ones(len(labels), bool)
     return {"n": int(len(labels)), "accuracy": float(correct.mean()), "balanced_accuracy": float(np.mean(recall)),
             "roc_auc": float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else None,
-            "coverage": float(dom.mean()),
-            "selective_accuracy": float(correct[dom].mean()) if dom.any() else None}
+            "coverage": float(dom.mean()) if known else None,
+            "selective_accuracy": float(correct[dom].mean()) if known and dom.any() else None}
 
 
 def labelled_files(folder: Path, limit: int | None, seed: int = 0) -> list[tuple[str, int]]:
@@ -127,15 +130,18 @@ def leave_one_source_out(model_path: str, cache_dir: str) -> list[dict]:
                          train_per_class=src["ozgenel"]["train_per_class"],
                          val_per_class=src["ozgenel"]["val_per_class"],
                          uav_crops_per_photo=src.get("uav", {}).get("crops_per_photo", 40))
-    model = model_lib.build_model(card["backbone"]["weights"]["source"], dropout=head.dropout,
-                                  extra_layers=head.extra, hidden=head.hidden, l2=head.l2)
-    feats = mt.extract_all(model, mt.specs(cfg, ("train", "val")), cache_dir)
+    def fresh():
+        return model_lib.build_model(card["backbone"]["weights"]["source"], dropout=head.dropout,
+                                     extra_layers=head.extra, hidden=head.hidden, l2=head.l2)
+
+    feats = mt.extract_all(fresh(), mt.specs(cfg, ("train", "val")), cache_dir)
     columns = ms.head_columns(head)
     rows = []
     for held in sorted({s.source for s, _ in feats}):
         for trained_on in ("all", "without"):
             keep = [f for f in feats if f[0].split == "train" and (trained_on == "all" or f[0].source != held)]
             x, y, names = mt.stack(keep, columns)
+            model = fresh()  # a new head each time (fit_head folds the standardisation into its weights)
             ms.fit_head(model, x, y, head, ms.source_weights([f"{n}/{c}" for n, c in zip(names, y)]))
             xv, yv, _ = mt.stack([f for f in feats if f[0].split == "val" and f[0].source == held], columns)
             p = ms.predict_head(model, xv)[:, 1]

@@ -102,10 +102,13 @@ def set_trainable(model, unfreeze_blocks: int = 0) -> None:
 
 
 def feature_model(model):
-    """Image -> pooled features (N, 1280), sharing the classifier's layers."""
+    """Image -> the head's inputs, sharing the classifier's layers: ``pooled`` (N, 1280), or for a
+    multi-layer head the concatenation it reads (``pooled`` then each ``mean_<layer>``)."""
     import keras
 
-    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features")
+    names = [layer.name for layer in model.layers]
+    layer = HEAD_INPUT_LAYER if HEAD_INPUT_LAYER in names else FEATURES_LAYER
+    return keras.Model(model.inputs, model.get_layer(layer).output, name="features")
 
 
 def head_model(model):

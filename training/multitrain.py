@@ -184,9 +184,12 @@ def counts(feature_sets) -> dict:
         entry = out.setdefault(spec.source, {}).setdefault(spec.split, {})
         n_pos = int(f.labels.sum())
         entry[spec.kind] = {"Negative": int(len(f) - n_pos), "Positive": n_pos, "total": int(len(f))}
-        if spec.kind in ("grid", "crops", "crops-aug"):
+        if spec.kind == "grid":
             entry[spec.kind]["photos"] = len(set(f.groups))
-            entry[spec.kind]["tile_sizes"] = sorted({int(t) for t in np.unique(f.tile_sizes)})[:12]
+            entry[spec.kind]["tile_sizes"] = sorted({int(t) for t in np.unique(f.tile_sizes)})
+        elif spec.kind in ("crops", "crops-aug"):
+            entry[spec.kind]["photos"] = len(set(f.groups))
+            entry[spec.kind]["crop_sides"] = [int(f.tile_sizes.min()), int(f.tile_sizes.max())] if len(f) else []
     return out
 
 
