@@ -14,7 +14,7 @@ ifneq ($(wildcard $(SHARED)/weights/mobilenetv2_1.00_160_no_top.weights.h5),)
 export CRACKQ_BACKBONE_WEIGHTS ?= $(SHARED)/weights/mobilenetv2_1.00_160_no_top.weights.h5
 endif
 
-.PHONY: venv demo test bench soak clean
+.PHONY: venv demo test bench soak clean bench-generalisation
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,19 @@ bench: venv
 
 soak: venv
 	$(BIN)/python benchmarks/soak.py
+
+## make bench-generalisation: the shipped model and `crackq run` on labelled folders it never trained on:
+## tiles (from masks) of the held-out uav-concrete TEST photos at 224 and 112 px, plus the Özgenel test split;
+## then the leave-one-source-out table.  Add folders with GEN_FOLDERS='dir1 dir2'.
+GEN_DIR := bench-out/generalisation
+UAV     := $(SHARED)/data/uav-concrete
+bench-generalisation: venv
+	rm -rf $(GEN_DIR) && mkdir -p $(GEN_DIR)
+	for s in 224 112; do $(BIN)/crackq tiles from-masks $(UAV)/images $(UAV)/masks --out $(GEN_DIR)/uav-test-$$s \
+		--size $$s --photos-list models/uav_split.json --split test; done
+	$(BIN)/python -m benchmarks.split_folder models/split.json test $(GEN_DIR)/ozgenel-test
+	$(BIN)/python -m benchmarks.generalisation $(GEN_DIR)/ozgenel-test $(GEN_DIR)/uav-test-224 \
+		$(GEN_DIR)/uav-test-112 $(GEN_FOLDERS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -68,7 +68,8 @@ class Client:
         """The job's options from the settings and ``changes``, checked (:class:`InvalidOptions`)."""
         s = self.settings
         base = ChunkOptions(threshold=s.threshold, tile_size=s.tile_size, tile_overlap=s.tile_overlap,
-                            model_threshold=self.model_threshold and changes.get("threshold") is None)
+                            model_threshold=self.model_threshold and changes.get("threshold") is None,
+                            scales=s.scales)
         merged = {**base.to_dict(), **{k: v for k, v in changes.items() if v is not None}}
         return ChunkOptions.from_dict(merged)
 

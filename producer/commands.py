@@ -90,7 +90,21 @@ def tiling_options(f):
                      callback=_checked(lambda v: check_tiling(MIN_TILE_SIZE + max(0, v), v)),
                      help="Overlap between tiles in px (0 up to the tile size, excluded).")(f)
     f = click.option("--per-tile", is_flag=True, help="Also store one record per tile (pixel box, probability).")(f)
+    f = click.option("--scales", default=None, callback=_scales_option, metavar="1,2",
+                     help="Tiling scales of large photos: 1 = tiles of the tile size, 2 = of half of it "
+                          "[default: setting scales].")(f)
     return f
+
+
+def _scales_option(ctx, param, value):
+    if value is None:
+        return None
+    from shared.config import parse_scales
+
+    try:
+        return parse_scales(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @click.command()
@@ -100,10 +114,11 @@ def tiling_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the bare job id.")
 @tiling_options
 @redis_option
-def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_overlap, per_tile, redis_url):
+def submit(paths, chunk_size, no_recursive, as_json, threshold, tile_size, tile_overlap, per_tile, scales,
+           redis_url):
     """Queue images (files, folders, glob patterns) as one job; print its id."""
     images = _find_images(paths, recursive=not no_recursive)
-    client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap)
+    client = _client(redis_url, threshold=threshold, tile_size=tile_size, tile_overlap=tile_overlap, scales=scales)
     options = _options(client, per_tile=per_tile or None)
     created = []
 
@@ -287,14 +302,14 @@ def cancel(job, redis_url):
 @tiling_options
 @redis_option
 def run(paths, out, fmt, workers, chunk_size, no_recursive, timeout, overlays, threshold, tile_size, tile_overlap,
-        per_tile, redis_url):
+        per_tile, scales, redis_url):
     """Classify images end to end: private Redis + local workers unless CRACKQ_REDIS_URL is set."""
     from producer.runner import run_job
 
     images = _find_images(paths, recursive=not no_recursive)
     try:
         settings = Settings.load(redis_url=redis_url, threshold=threshold, tile_size=tile_size,
-                                 tile_overlap=tile_overlap, chunk_size=chunk_size)
+                                 tile_overlap=tile_overlap, chunk_size=chunk_size, scales=scales)
     except ValueError as exc:
         raise InputError(f"bad setting: {exc}") from None
     try:

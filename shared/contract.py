@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from shared.config import Settings, parse_scales
 
 TASK_NAME = "crackq.classify_chunk"
 
@@ -41,7 +43,9 @@ RESULT_COLUMNS = (
 )
 
 #: Fields of one per-tile record (``--per-tile``).
-TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "crack_probability", "label", "in_domain", "domain_score",
+#: ``scale`` is the tiling scale the tile was scored at (1: tile_size tiles, 2: half-size tiles, ...).
+TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "scale", "crack_probability", "label", "in_domain",
+                "domain_score",
                 "polygon")  # issue 12: the tile's closed ring in the raster's CRS (georeferenced rasters)
 
 
@@ -57,9 +61,16 @@ class ChunkOptions:
     #: ``threshold`` (chosen by ``crackq adapt``), ``threshold`` being the fallback.  Workers that
     #: predate the field ignore it and use ``threshold``.
     model_threshold: bool = False
+    #: Tiling scales of large photos; the default is the ``scales`` setting's (one source of truth).
+    scales: tuple[int, ...] = field(default=Settings.__dataclass_fields__["scales"].default)
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", parse_scales(self.scales))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        return d
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "ChunkOptions":
@@ -73,6 +84,8 @@ class ChunkOptions:
             data = {}
         if not isinstance(data, dict):
             raise InvalidOptions(f"options must be an object, not {type(data).__name__}")
+        if "scales" in data:
+            check_scales(data["scales"])
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         options = cls(**known)
         check_threshold(options.threshold)
@@ -81,8 +94,6 @@ class ChunkOptions:
             raise InvalidOptions("per_tile must be true or false")
         if not isinstance(options.model_threshold, bool):
             raise InvalidOptions("model_threshold must be true or false")
-        if "scales" in data:
-            check_scales(data["scales"])
         return options
 
 

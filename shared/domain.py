@@ -21,6 +21,13 @@ and the threshold is the raw score's 99th percentile on the validation split
 (about 1 % of familiar images flagged).  ``domain_score`` is raw / threshold:
 about 0 for a typical training image, ``<= 1`` in domain, larger = less familiar.
 
+**Confidence** (issue 10): imagery can look familiar and still be imagery the
+model often gets wrong.  A model fitted with ``min_margin`` > 0 also requires
+the prediction's margin ``|p - 0.5|`` to reach ``min_margin`` (chosen on the
+VALIDATION sets of every training source, so that accuracy on what passes is
+at least the target there): ``in_domain`` means "familiar *and* decided", while
+``domain_score`` stays the familiarity alone.
+
 The description lives in ``domain.npz`` beside the model (written by
 ``training/domain_fit.py``); a model without one gets ``in_domain = None``.
 """
@@ -73,6 +80,7 @@ class DomainScorer:
         self.meta = meta
         self.feature_dim = int(meta["feature_dim"])
         self.threshold = float(meta["threshold"])
+        self.min_margin = float(meta.get("min_margin", 0.0))
         self.components = [Component(**c) for c in meta["components"]]
         self.arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
         self._warned = False
@@ -116,8 +124,8 @@ class DomainScorer:
         return np.mean(z, axis=0)
 
     def score(self, features: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(domain_score, in_domain)`` per row; ``probs`` is accepted for the worker's interface but
-        unused: adding the prediction's confidence made the check worse in the benchmark."""
+        """``(domain_score, in_domain)`` per row.  ``probs`` (crack probability per row) is used when the
+        description has a ``min_margin``: a row is in domain only if familiar and ``|p - 0.5| >= min_margin``."""
         n = len(features)
         if n == 0:
             return np.zeros(0), np.zeros(0, dtype=object)
@@ -129,7 +137,10 @@ class DomainScorer:
                 self._warned = True
             return np.full(n, np.nan), np.full(n, None, dtype=object)
         scores = self.raw_scores(features) / self.threshold
-        return scores, scores <= 1.0
+        familiar = scores <= 1.0
+        if self.min_margin > 0 and probs is not None and len(probs) == n:
+            familiar &= np.abs(np.asarray(probs, dtype=np.float64).reshape(n) - 0.5) >= self.min_margin
+        return scores, familiar
 
     def _distance(self, c: Component, x: np.ndarray) -> np.ndarray:
         a = self.arrays

@@ -69,9 +69,36 @@ def _settings(**overrides):
               help="With --init-model: adapt = the few-label recipe of `crackq adapt` (replay, balancing, "
                    "augmentation, cross-validated threshold; the epoch/batch/rate options do not apply); "
                    "full = the whole training recipe from the init model.")
+@click.option("--extra-source", "extra_sources", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Another labelled folder (Positive/Negative) to train on; repeatable (multi-source).")
+@click.option("--uav-images", type=click.Path(exists=True, file_okay=False),
+              help="Photos with crack masks (multi-source): tiles at several sizes, split by photo.")
+@click.option("--uav-masks", type=click.Path(exists=True, file_okay=False),
+              help="Masks of --uav-images (same file stems; 255 = crack).")
+@click.option("--uav-split", type=click.Path(exists=True, dir_okay=False),
+              help="uav_split.json to reuse [default: a new seeded 70:15:15 split by photo].")
+@click.option("--head", type=click.Choice(["linear", "mlp"]), default=D["head"].default, show_default=True,
+              help="linear: Dropout+Dense on the features; mlp: one hidden ReLU layer (multi-source).")
+@click.option("--head-layer", "head_layers", multiple=True,
+              type=click.Choice(["block_13_expand_relu", "block_10_expand_relu", "block_6_expand_relu"]),
+              help="Earlier backbone layer whose spatial mean the head also reads; repeatable (multi-source).")
+@click.option("--hidden", default=D["hidden"].default, show_default=True, type=click.IntRange(1),
+              help="Hidden units of --head mlp.")
+@click.option("--augmentation", type=click.Choice(["none", "geometric", "full", "mixed"]),
+              default=D["augmentation"].default, show_default=True,
+              help="Multi-source augmentation of cached training draws (docs/training.md).")
+@click.option("--train-per-class", default=D["train_per_class"].default, show_default=True,
+              type=click.IntRange(1), help="Multi-source: DATA_DIR training images per class used.")
+@click.option("--uav-crops-per-photo", default=D["uav_crops_per_photo"].default, show_default=True,
+              type=click.IntRange(0), help="Multi-source: augmented random crops per uav training photo.")
 def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, backbone_weights, init_model,
-          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class, recipe):
-    """Train the crack classifier on DATA_DIR (one sub-folder per class) and write model, ONNX, card, plots."""
+          unfreeze_blocks, augment, tensorboard, cache_dir, limit_per_class, extra_sources, uav_images, uav_masks,
+          uav_split, head, head_layers, hidden, augmentation, train_per_class, uav_crops_per_photo, recipe):
+    """Train the crack classifier on DATA_DIR (one sub-folder per class) and write model, ONNX, card, plots.
+
+    With --uav-images/--uav-masks, --extra-source, --head mlp or --head-layer, trains on several sources
+    from cached frozen features (docs/training.md has the recipe of the shipped model).
+    """
     # ---- issue 11: `--init-model` fine-tunes with the few-label recipe (training/adapt.py) ----
     if init_model and recipe == "adapt":
         from training.adapt import AdaptConfig
@@ -80,6 +107,12 @@ def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, 
         run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir))
         return
     # ---- end issue 11 ----
+    if bool(uav_images) != bool(uav_masks):
+        raise click.UsageError("--uav-images and --uav-masks go together")
+    multi = bool(extra_sources or uav_images or head != "linear" or head_layers)
+    if multi and (init_model or unfreeze_blocks or augment):
+        raise click.UsageError("multi-source training trains a new head on a frozen backbone: "
+                               "--init-model, --unfreeze-blocks and --augment are for single-folder training")
     _quiet_tensorflow()
     from training.train import train as run
 
@@ -87,12 +120,20 @@ def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, 
                       learning_rate=learning_rate, seed=seed, ratios=split_ratios,
                       backbone_weights=_settings(backbone_weights=backbone_weights).backbone_weights,
                       init_model=init_model, unfreeze_blocks=unfreeze_blocks, augment=augment,
-                      tensorboard=tensorboard, cache_dir=cache_dir, limit_per_class=limit_per_class)
+                      tensorboard=tensorboard, cache_dir=cache_dir, limit_per_class=limit_per_class,
+                      extra_sources=tuple(extra_sources), uav_images=uav_images, uav_masks=uav_masks,
+                      uav_split=uav_split, head=head, head_layers=tuple(head_layers), hidden=hidden,
+                      augmentation=augmentation, train_per_class=train_per_class,
+                      uav_crops_per_photo=uav_crops_per_photo)
     card = run(cfg)
     m = card["metrics"]
     for name in ("validation", "test"):
         if name in m:
             click.echo(f"{name}: accuracy {m[name]['accuracy']:.4f}  f1 {m[name]['f1']:.4f}  n {m[name]['n']}")
+    for source, per_split in card["metrics"].get("by_source", {}).items():
+        for name, entry in (per_split or {}).items():
+            if entry and entry.get("n"):
+                click.echo(f"{source} {name}: accuracy {entry['accuracy']:.4f}  n {entry['n']}")
     click.echo(f"training time {card['training']['training_time_seconds']} s; outputs in {out}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def fit_domain(model_path: str | os.PathLike, data_dir: str | os.PathLike, split
 
 
 def fit(train: np.ndarray, val: np.ndarray, backbone_fingerprint: str | None = None, k: int = KNN_K,
-        pca_dims: int = PCA_DIMS, quantile: float = QUANTILE) -> DomainScorer:
+        pca_dims: int = PCA_DIMS, quantile: float = QUANTILE, val_groups=None) -> DomainScorer:
     """The description of ``train`` features (N, D), calibrated on ``val`` features (M, D)."""
     from sklearn.covariance import LedoitWolf
 
@@ -106,7 +107,12 @@ def fit(train: np.ndarray, val: np.ndarray, backbone_fingerprint: str | None = N
     logs = np.log(np.maximum(draft.distances(val), 1e-12))
     stats = [(float(c.mean()), float(max(c.std(), 1e-6))) for c in logs.T]
     scorer = DomainScorer(_meta(specs, stats, 1.0, train.shape[1], backbone_fingerprint), arrays)
-    threshold = float(np.quantile(scorer.raw_scores(val), quantile))
+    raw = scorer.raw_scores(val)
+    if val_groups is None:
+        threshold = float(np.quantile(raw, quantile))
+    else:  # every source keeps at most 1 - quantile of its validation images flagged
+        groups = np.asarray(val_groups)
+        threshold = max(float(np.quantile(raw[groups == g], quantile)) for g in np.unique(groups))
     if threshold <= 0:
         raise ValueError("validation scores are degenerate (threshold <= 0): too few or identical images")
     # The saved file holds the bank/projection in float16: calibrate what will be loaded.
@@ -122,7 +128,8 @@ def _round_trip(scorer: DomainScorer) -> DomainScorer:
 def _meta(specs, stats, threshold, dim, fingerprint) -> dict:
     components = [Component(**s, log_mean=m, log_std=sd).to_dict() for s, (m, sd) in zip(specs, stats)]
     return {"format": FORMAT, "method": METHOD, "feature_dim": int(dim), "threshold": threshold,
-            "quantile": QUANTILE, "components": components, "backbone_fingerprint": fingerprint}
+            "quantile": QUANTILE, "components": components, "backbone_fingerprint": fingerprint,
+            "min_margin": 0.0}
 
 
 def summary(scorer: DomainScorer, val: np.ndarray, test: np.ndarray, path: Path) -> dict:
@@ -217,3 +224,104 @@ def domain_fit(model, data_dir, split_file, train_sample):
     click.echo(f"wrote {Path(model).parent / FILE_NAME}: threshold {entry['threshold']:.4f}, validation false "
                f"alarms {entry['validation_false_alarm_rate']:.2%}, held-out test images in domain "
                f"{entry.get('test_in_domain_rate', float('nan')):.2%}")
+
+
+# -- several sources, and the prediction's margin (issue 10) --------------------------------
+SELECTIVE_TARGET = 0.96   # validation accuracy on what passes, per source (test target: 0.95)
+MARGINS = np.round(np.arange(0.0, 0.46, 0.01), 2)
+PER_SOURCE_TRAIN = 1500   # training rows described per source
+
+
+@dataclass
+class SourceRows:
+    """Served outputs of one source and split: crack probability, features, true labels."""
+
+    source: str
+    probs: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+
+
+def served_rows(classifier, spec, limit: int | None = None, seed: int = 0) -> SourceRows:
+    """Build ``spec``'s images and run them through the worker's classifier (optionally a balanced sample)."""
+    image_set = spec.build()
+    idx = np.arange(len(image_set))
+    if limit is not None and len(idx) > limit:
+        rng = np.random.default_rng(seed)
+        per = limit // 2
+        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(image_set.labels == c))[:per]
+                                      for c in (0, 1)]))
+    probs, feats = classifier.predict(image_set.images[idx])
+    return SourceRows(spec.source, probs, feats, image_set.labels[idx])
+
+
+def choose_margin(scorer: DomainScorer, val: list[SourceRows], target: float = SELECTIVE_TARGET) -> float:
+    """The smallest margin at which every validation source's selective accuracy reaches ``target``."""
+    for margin in MARGINS:
+        ok = True
+        for rows in val:
+            familiar = scorer.raw_scores(rows.features) / scorer.threshold <= 1.0
+            passed = familiar & (np.abs(rows.probs - 0.5) >= margin)
+            if passed.sum() >= 20 and np.mean((rows.probs[passed] >= 0.5) == rows.labels[passed]) < target:
+                ok = False
+                break
+        if ok:
+            return float(margin)
+    return float(MARGINS[-1])
+
+
+def selective(scorer: DomainScorer, rows: SourceRows) -> dict:
+    """Coverage (share flagged in domain), selective accuracy (on those) and plain accuracy of one set."""
+    _, passed = scorer.score(rows.features, rows.probs)
+    passed = passed.astype(bool)
+    correct = (rows.probs >= 0.5) == rows.labels
+    return {"n": int(len(correct)), "accuracy": round(float(correct.mean()), 4) if len(correct) else None,
+            "coverage": round(float(passed.mean()), 4) if len(correct) else None,
+            "selective_accuracy": round(float(correct[passed].mean()), 4) if passed.any() else None}
+
+
+def fit_domain_sets(model_path, out_dir, sets: dict, classes, *, per_source_train: int = PER_SOURCE_TRAIN,
+                    seed: int = 0, target: float = SELECTIVE_TARGET, batch_size: int = 64) -> dict | None:
+    """Fit the in-domain check on the train sets of every source, calibrate distance threshold and
+    margin on their val sets, measure coverage and selective accuracy per source on the test sets."""
+    out = Path(out_dir)
+    classifier = onnx_classifier(model_path, batch_size)
+    rows = {name: [served_rows(classifier, spec, per_source_train if name == "train" else None, seed)
+                   for spec in sets.get(name, [])] for name in ("train", "val", "test")}
+    train = np.concatenate([r.features for r in rows["train"]]) if rows["train"] else np.zeros((0, 1))
+    val = np.concatenate([r.features for r in rows["val"]]) if rows["val"] else np.zeros((0, 1))
+    if len(train) < MIN_TRAIN or len(val) < MIN_VAL:
+        log.warning("too few images to describe the training domain: results will have in_domain = null")
+        _forget(out)
+        return None
+    groups = [r.source for r in rows["val"] for _ in range(len(r.labels))]
+    scorer = fit(train, val, backbone_fingerprint=_card(out).get("backbone", {}).get("weights_fingerprint"),
+                 val_groups=groups)
+    scorer.meta["min_margin"] = choose_margin(scorer, rows["val"], target)
+    scorer.meta["method"] = METHOD_MULTI
+    scorer = DomainScorer(scorer.meta, scorer.arrays)
+    out.mkdir(parents=True, exist_ok=True)
+    scorer.save(out / FILE_NAME)
+    entry = summary(scorer, val, np.zeros((0, val.shape[1])), out / FILE_NAME)
+    entry["method"] = METHOD_MULTI
+    entry["min_margin"] = scorer.min_margin
+    entry["selective_target_on_val"] = target
+    entry["fitted_on"] = {"split": "train", "rows": int(len(train)),
+                          "per_source": {r.source: int(len(r.labels)) for r in rows["train"]}}
+    entry["by_source"] = {name: {r.source: selective(scorer, r) for r in rows[name]} for name in ("val", "test")}
+    first_test = rows["test"][0] if rows["test"] else None  # the main labelled folder (DATA_DIR)
+    if first_test is not None:
+        entry["test_in_domain_rate"] = entry["by_source"]["test"][first_test.source]["coverage"]
+        entry["test_images"] = int(len(first_test.labels))
+    card = _card(out)
+    if card:
+        card["domain"] = entry
+        card.setdefault("files", {})["domain"] = FILE_NAME
+        (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return entry
+
+
+METHOD_MULTI = (METHOD.replace("threshold at the 99th percentile of the validation split",
+                               "threshold: the largest per-source 99th percentile on the validation sets")
+                + "; in domain also needs |p - 0.5| >= min_margin (smallest margin giving every validation "
+                  f"source >= {SELECTIVE_TARGET:.0%} accuracy on what passes)")

@@ -1,4 +1,4 @@
-"""Pooled backbone features, computed once per (backbone, file list) and cached on disk.
+"""Pooled backbone features (the head's inputs), computed once per (backbone, file list) and cached on disk.
 
 With a frozen backbone every epoch would push the same images through the
 same 2.2 M frozen weights; computing the 1280-d ``pooled`` features once and
@@ -55,14 +55,16 @@ class Features:
         return float(self.ok.sum() / self.seconds) if self.seconds and not self.cached else None
 
 
-def cache_key(backbone_sha: str, root: str, files: list[str]) -> str:
-    """sha256 of everything the features depend on."""
+def cache_key(backbone_sha: str, root: str, files: list[str], head_inputs: str = "pooled") -> str:
+    """sha256 of everything the features depend on (``head_inputs``: which layers the head reads)."""
     stats = []
     for f in files:
         st = os.stat(os.path.join(root, f))
         stats.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
     doc = {"backbone": backbone_sha, "size": INPUT_SIZE, "resample": str(RESAMPLE),
            "root": os.path.realpath(root), "files": list_sha256(files), "stats": list_sha256(stats)}
+    if head_inputs != "pooled":  # keys of pooled-only caches stay as they were
+        doc["head_inputs"] = head_inputs
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -73,9 +75,13 @@ def extract(model, root: str, files: list[str], cache_dir: str | os.PathLike | N
     ``progress`` is an optional callable ``advance(n_images)`` for a progress bar.
     """
     backbone_sha = model_lib.weights_fingerprint(model_lib.backbone_layers(model))
+    features_model = model_lib.feature_model(model)
+    dim = int(features_model.output.shape[-1])
+    head_inputs = "pooled" if dim == model_lib.FEATURES_DIM else ",".join(
+        layer.name for layer in model.layers if layer.name.startswith("mean_"))
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / "features" / f"{cache_key(backbone_sha, root, files)}.npz"
+        path = Path(cache_dir) / "features" / f"{cache_key(backbone_sha, root, files, head_inputs)}.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as npz:
                 bad = json.loads(str(npz["bad"]))
@@ -84,8 +90,8 @@ def extract(model, root: str, files: list[str], cache_dir: str | os.PathLike | N
                     progress(len(files))
                 return Features(list(files), npz["features"], npz["ok"], bad, cached=True)
 
-    fn = model_lib.inference_fn(model_lib.feature_model(model))
-    feats = np.zeros((len(files), model_lib.FEATURES_DIM), np.float32)
+    fn = model_lib.inference_fn(features_model)
+    feats = np.zeros((len(files), dim), np.float32)
     ok = np.zeros(len(files), bool)
     bad: list[dict] = []
     start = time.perf_counter()

@@ -20,6 +20,8 @@ from shared.preprocessing import INPUT_SIZE
 
 #: Layer names other code relies on (serving uses "pooled" and "probabilities").
 INPUT_NAME, FEATURES_LAYER, DROPOUT_LAYER, OUTPUT_LAYER = "image", "pooled", "dropout", "probabilities"
+#: Layers of the multi-layer head (``extra_layers`` / ``hidden`` of :func:`build_model`).
+HEAD_INPUT_LAYER, HIDDEN_LAYER = "head_features", "head_hidden"
 FEATURES_DIM = 1280
 NUM_BLOCKS = 16  # inverted-residual blocks block_1 … block_16 (block_0 is "expanded_conv")
 
@@ -32,8 +34,16 @@ KNOWN_BACKBONES = {
 }
 
 
-def build_model(weights: str | None = "imagenet", dropout: float = 0.2, size: int = INPUT_SIZE):
-    """The whole classifier (image 0–255 in, ``probabilities`` (N, 2) out) with the backbone frozen."""
+def build_model(weights: str | None = "imagenet", dropout: float = 0.2, size: int = INPUT_SIZE,
+                extra_layers: tuple[str, ...] = (), hidden: int = 0, l2: float = 0.0):
+    """The whole classifier (image 0–255 in, ``probabilities`` (N, 2) out) with the backbone frozen.
+
+    The recipe's head is Dropout + Dense on ``pooled``.  With ``extra_layers``
+    the head also reads the spatial mean of those earlier backbone layers
+    (concatenated after ``pooled``, standardised by a ``head_norm`` layer) and,
+    with ``hidden`` > 0, has one ReLU layer of that many units: the
+    multi-source model of :mod:`training.multisource`.
+    """
     import keras
 
     image = keras.Input((size, size, 3), name=INPUT_NAME)
@@ -41,7 +51,15 @@ def build_model(weights: str | None = "imagenet", dropout: float = 0.2, size: in
     backbone = keras.applications.MobileNetV2(input_tensor=scaled, alpha=1.0, include_top=False,
                                               weights=weights)
     pooled = keras.layers.GlobalAveragePooling2D(name=FEATURES_LAYER)(backbone.output)
-    dropped = keras.layers.Dropout(dropout, name=DROPOUT_LAYER)(pooled)
+    x = pooled
+    if extra_layers or hidden:
+        parts = [pooled] + [keras.layers.GlobalAveragePooling2D(name=f"mean_{name}")(
+            backbone.get_layer(name).output) for name in extra_layers]
+        x = keras.layers.Concatenate(name=HEAD_INPUT_LAYER)(parts) if len(parts) > 1 else pooled
+        if hidden:
+            reg = keras.regularizers.L2(l2) if l2 else None
+            x = keras.layers.Dense(hidden, activation="relu", kernel_regularizer=reg, name=HIDDEN_LAYER)(x)
+    dropped = keras.layers.Dropout(dropout, name=DROPOUT_LAYER)(x)
     probs = keras.layers.Dense(2, activation="softmax", name=OUTPUT_LAYER)(dropped)
     model = keras.Model(image, probs, name="crackq_mobilenetv2")
     set_trainable(model, 0)
@@ -84,23 +102,32 @@ def set_trainable(model, unfreeze_blocks: int = 0) -> None:
 
 
 def feature_model(model):
-    """Image -> pooled features (N, 1280), sharing the classifier's layers."""
+    """Image -> the head's inputs, sharing the classifier's layers: ``pooled`` (N, 1280), or for a
+    multi-layer head the concatenation it reads (``pooled`` then each ``mean_<layer>``)."""
     import keras
 
-    return keras.Model(model.inputs, model.get_layer(FEATURES_LAYER).output, name="features")
+    names = [layer.name for layer in model.layers]
+    layer = HEAD_INPUT_LAYER if HEAD_INPUT_LAYER in names else FEATURES_LAYER
+    return keras.Model(model.inputs, model.get_layer(layer).output, name="features")
 
 
 def head_model(model):
-    """Pooled features -> probabilities, made of the classifier's *own* head layers.
+    """Head inputs -> probabilities, made of the classifier's *own* head layers.
 
-    Training this small model on cached features updates the weights of the
-    whole classifier, which can then be saved as one image-in model.
+    Head inputs are ``pooled`` (the recipe), or for a multi-layer head the
+    concatenation it reads (``pooled`` then each ``mean_<layer>``).  Training
+    this small model on cached features updates the weights of the whole
+    classifier, which can then be saved as one image-in model.
     """
     import keras
 
-    features = keras.Input((FEATURES_DIM,), name="features")
-    probs = model.get_layer(OUTPUT_LAYER)(model.get_layer(DROPOUT_LAYER)(features))
-    return keras.Model(features, probs, name="head")
+    names = [layer.name for layer in model.layers]
+    first = names.index(HIDDEN_LAYER) if HIDDEN_LAYER in names else names.index(DROPOUT_LAYER)
+    features = keras.Input((model.layers[first].input.shape[-1],), name="features")
+    x = features
+    for layer in model.layers[first:]:
+        x = layer(x)
+    return keras.Model(features, x, name="head")
 
 
 def inference_fn(keras_model):

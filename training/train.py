@@ -59,15 +59,37 @@ class TrainConfig:
     tensorboard: bool = False
     cache_dir: str | None = field(default_factory=lambda: str(features_lib.default_cache_dir()))
     limit_per_class: int | None = None
+    # -- multi-source training (training/multitrain.py, issue 10) --
+    extra_sources: tuple[str, ...] = ()
+    uav_images: str | None = None
+    uav_masks: str | None = None
+    uav_split: str | None = None          # uav_split.json to reuse (default: a new seeded split by photo)
+    head: str = "linear"                  # "linear": the recipe's Dropout+Dense on pooled; "mlp": hidden layer
+    head_layers: tuple[str, ...] = ()     # earlier layers whose mean the head reads (multi-source only)
+    hidden: int = 256
+    augmentation: str = "mixed"           # multi-source: none | geometric | full | mixed
+    train_per_class: int | None = 2500    # multi-source: Özgenel train patches per class
+    val_per_class: int | None = 600       # multi-source: Özgenel val patches per class for the head's history
+    uav_crops_per_photo: int = 40
 
     @property
     def end_to_end(self) -> bool:
         return self.unfreeze_blocks > 0 or self.augment
 
+    @property
+    def multi_source(self) -> bool:
+        """More than the one labelled folder, or a head that reads more than ``pooled``."""
+        return bool(self.extra_sources or self.uav_images or self.head != "linear" or self.head_layers)
+
 
 def train(cfg: TrainConfig) -> dict:
     """Run the whole recipe and return the model card (also written to ``cfg.out``)."""
     import keras
+
+    if cfg.multi_source:
+        from training.train_multi import train_multi
+
+        return train_multi(cfg)
 
     start = time.perf_counter()
     out = Path(cfg.out)

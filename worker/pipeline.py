@@ -27,8 +27,8 @@ from PIL import Image
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record
 from shared.exif import photo_metadata
-from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, needs_tiling, open_checked,
-                                  oriented_size, prepare_image, tile_count)
+from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, multiscale_grid, needs_tiling,
+                                  open_checked, oriented_size, prepare_image, region_probabilities)
 # ---- object storage and rasters read by windows (issue 12): shared/storage.py, shared/raster.py
 from shared import raster, storage
 # ---- end issue 12
@@ -171,8 +171,8 @@ class ChunkRunner:
             return 1
         if not needs_tiling(width, height, options.tile_size):
             return 1
-        tiles = tile_count(width, height, options.tile_size, options.tile_overlap)
-        return 1 if tiles > self.settings.max_tiles else tiles  # refused by the decode, at no cost
+        tiles = len(multiscale_grid(width, height, options.tile_size, options.tile_overlap, options.scales)[0])
+        return 1 if tiles > self.settings.max_tiles * len(options.scales) else tiles  # refused by the decode
 
     def _decode(self, opened: _Opened, options: ChunkOptions) -> _Decoded:
         start = time.perf_counter()
@@ -192,7 +192,8 @@ class ChunkRunner:
                 decoded.prepared = prepare_image(
                     handle, size=self.classifier.info.input_size, tile=options.tile_size,
                     overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
-                    max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles)
+                    max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles,
+                    scales=options.scales)
                 decoded.meta = _metadata(handle)
         except ImageError as exc:
             decoded.error = str(exc)
@@ -230,24 +231,37 @@ class ChunkRunner:
         return self.domain.score(feats, probs)
 
     def _records(self, d: _Decoded, probs, scores, familiar, options: ChunkOptions, elapsed_ms: float):
+        """The photo's record (and its per-tile records).
+
+        With several scales, ``tiles``/``crack_tiles``/``crack_fraction`` count
+        the scale-1 regions, each with the max probability over the scales that
+        cover it (:func:`shared.preprocessing.region_probabilities`); ``tiles_scored``
+        counts every model input.
+        """
         prep = d.prepared
-        n_crack = int((probs >= options.threshold).sum())
-        top = float(probs.max())
+        prep_scales = getattr(prep, "scales", None)  # raster windows (issue 12) are scored at one scale
+        regions = (probs if prep_scales is None or len(set(prep_scales.tolist())) == 1
+                   else region_probabilities(prep.boxes, prep_scales, probs))
+        n_crack = int((regions >= options.threshold).sum())
+        top = float(regions.max())
+        extra = {"tiles_scored": len(probs)} if len(regions) != len(probs) else {}
         record = result_record(
             d.item["path"], label=label_for(top, options.threshold), crack_probability=top,
             model=self.classifier.info.name, worker=self.worker_name, elapsed_ms=elapsed_ms,
-            width=prep.width, height=prep.height, tiles=len(probs), crack_tiles=n_crack,
-            crack_fraction=round(n_crack / len(probs), 6), max_crack_probability=round(top, 6),
-            **_domain_fields(scores, familiar), **d.meta)
+            width=prep.width, height=prep.height, tiles=len(regions), crack_tiles=n_crack,
+            crack_fraction=round(n_crack / len(regions), 6), max_crack_probability=round(top, 6),
+            **_domain_fields(scores, familiar), **d.meta, **extra)
         windowed = isinstance(prep, raster.PreparedWindow)  # issue 12: crack tiles of rasters always kept
         if prep.boxes is None or not (options.per_tile or windowed):
             return record, None
+        tile_scales = prep_scales if prep_scales is not None else np.ones(len(probs), np.int64)
         tiles = [
-            {"path": d.item["path"], "tile": i, **box.as_dict(), "crack_probability": round(float(p), 6),
+            {"path": d.item["path"], "tile": i, **box.as_dict(), "scale": int(sc),
+             "crack_probability": round(float(p), 6),
              "label": label_for(float(p), options.threshold),
              "in_domain": None if fam is None else bool(fam),
              "domain_score": None if np.isnan(s) else round(float(s), 4)}
-            for i, (box, p, s, fam) in enumerate(zip(prep.boxes, probs, scores, familiar))
+            for i, (box, sc, p, s, fam) in enumerate(zip(prep.boxes, tile_scales, probs, scores, familiar))
         ]
         if windowed:  # issue 12: raster tile ids, polygons in map coordinates, window fields
             return raster.finish_window(prep, record, tiles, options.per_tile, d.item.get("raster"))
