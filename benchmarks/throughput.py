@@ -188,6 +188,7 @@ def main(argv=None) -> dict:
     report["naive_images"] = len(naive_paths) if naive else 0
     report.update(_results(args, report, seconds, latencies, services, rss, paths, naive_paths))
     report["cpu_ms_per_image"] = {k: round(statistics.median(v), 2) for k, v in cpu.items() if v}
+    report["cpu_ratios"] = _cpu_ratios(report["cpu_ms_per_image"])
     report["load_after"] = load_average()
     table = format_table(report)
     say(table)
@@ -275,6 +276,14 @@ def _measure(args, naive, naive_paths, ceilings, chunks, services, paths, photos
     return seconds, cpu
 
 
+def _cpu_ratios(cpu: dict) -> dict:
+    """The same comparisons in CPU per image (cores / CPU per image bounds throughput): on a loaded,
+    shared machine these move much less than wall-clock rates."""
+    pairs = {"b_fp32/d": ("b:fp32", "d"), "d_fp32/d": ("d:fp32", "d"), "c_fp32/c": ("c:fp32", "c"),
+             "photos_fp32/photos": ("photos:fp32", "photos")}
+    return {k: round(cpu[a] / cpu[b], 3) for k, (a, b) in pairs.items() if cpu.get(a) and cpu.get(b)}
+
+
 def _count(key: str, naive_paths, paths, photos) -> int:
     return len(naive_paths) if key == "a" else len(photos) if key.startswith("photos") else len(paths)
 
@@ -332,7 +341,7 @@ def format_table(r: dict) -> str:
         value = rate[key] if value is None else value
         per_core = value / min(cores, used or cfg["processes"] * cfg["threads"])
         per_image = f"{cpu[key]:>10.2f}" if key in cpu else " " * 10
-        return f"{label:<70}{value:>9.1f}{per_core:>10.1f}{per_image}"
+        return f"{label:<70}{value:>9.1f}{per_core:>11.1f}{per_image}"
 
     lines = [
         f"crackq throughput: {r['images']} images from {r['folder']} (seed {r['seed']}), "
@@ -344,7 +353,7 @@ def format_table(r: dict) -> str:
         f"backend {cfg['backend']}, model {os.path.basename(cfg['model'])}; precision CPU workers pick by "
         f"default: {r.get('default_precision')}",
         "",
-        f"{'measurement':<70}{'img/s':>9}{'img/s/core':>10}{'CPU ms/img':>11}",
+        f"{'measurement':<70}{'img/s':>9}{'img/s/core':>11}{'CPU ms/img':>11}",
     ]
     if "a" in rate:
         lines.append(row(f"(a) naive: decode + Keras model.predict per image ({r['naive_images']} images)",
@@ -365,14 +374,14 @@ def format_table(r: dict) -> str:
     if r.get("megapixels_per_s"):
         lines += ["", f"4000x3000 photos ({r['photos']['n']} per round, made of real held-out patches), "
                       "through the service:",
-                  f"{'':<70}{'MP/s':>9}{'MP/s/core':>10}{'CPU ms/MP':>11}"]
+                  f"{'':<70}{'MP/s':>9}{'MP/s/core':>11}{'CPU ms/MP':>11}"]
         for suffix, precision in r["precisions"].items():
             key = "photos" + suffix
             if key in r["megapixels_per_s"]:
                 mp = r["megapixels_per_s"][key]
                 per_mp = f"{cpu[key] / 12.0:>11.1f}" if key in cpu else ""
                 lines.append(f"{'(d) ' + precision + ': photos, 252 tiles each':<70}{mp:>9.2f}"
-                             f"{mp / min(cores, cfg['processes']):>10.2f}{per_mp}")
+                             f"{mp / min(cores, cfg['processes']):>11.2f}{per_mp}")
     acc = r.get("accuracy") or {}
     if acc:
         lines += ["", "held-out accuracy (test split of the model, through the service): " + ", ".join(
@@ -382,6 +391,8 @@ def format_table(r: dict) -> str:
             lines.append(f"  {main_p} - fp32: {acc['points']:+.2f} points; same label on "
                          f"{100 * acc['label_agreement']:.2f} % of the images")
     lines += ["", "ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()),
+              "CPU-per-image ratios (how much more CPU the first needs; robust to load): " + ", ".join(
+                  f"{k} {v:.2f}" for k, v in r.get("cpu_ratios", {}).items()),
               f"single-image latency (warm): median {r['latency_ms']['median']:.0f} ms "
               f"(of {len(r['latency_ms']['all'])})",
               "peak RSS (MiB): " + "; ".join(

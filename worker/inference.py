@@ -108,8 +108,8 @@ def load_classifier(settings: Settings) -> Classifier:
         classifier = Classifier(info, settings.batch_size, _tf_forward(settings, info), fixed_shape=True,
                                 served=Served("fp32", Path(settings.model), "TensorFlow"))
     classifier.warm_up()
-    log.info("loaded model %s (%s backend, %s, batch %d)", info.name, settings.backend,
-             classifier.served.describe(), settings.batch_size)
+    log.info("loaded model %s (%s backend, batch %d; %s)", info.name, settings.backend, settings.batch_size,
+             classifier.served.describe())
     return classifier
 
 
