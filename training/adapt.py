@@ -418,11 +418,30 @@ def write_model(init_model: str, head: Head, out: Path, deep, new: NewLabels) ->
     else:
         kernel = np.stack([-head.w / 2, head.w / 2], axis=1).astype(np.float32)
         bias = np.array([-head.b / 2, head.b / 2], np.float32)
+        model = _linear_head_on_pooled(model, kernel.shape[0])
         model.get_layer(OUTPUT_LAYER).set_weights([kernel, bias])
     model.save(out / MODEL_FILE)
     rng = np.random.default_rng(0)
     check = rng.uniform(0, 255, (4, *model.input_shape[1:])).astype(np.float32)
     return export_onnx(model, out / ONNX_FILE, check_inputs=check)
+
+
+def _linear_head_on_pooled(model, width: int):
+    """``model`` itself when its output layer reads the pooled features; else the same backbone with a new
+    Dense softmax on them.
+
+    The adapted head is a logistic regression on the pooled features, so an init model whose head reads
+    more (the multi-source MLP head on pooled + earlier-block means) gets its head replaced, not refilled.
+    """
+    import keras
+
+    from training.model import FEATURES_LAYER, OUTPUT_LAYER
+
+    if model.get_layer(OUTPUT_LAYER).get_weights()[0].shape[0] == width:
+        return model
+    pooled = model.get_layer(FEATURES_LAYER).output
+    probs = keras.layers.Dense(2, activation="softmax", name=OUTPUT_LAYER)(pooled)
+    return keras.Model(model.inputs, probs, name=model.name)
 
 
 def write_split(new: NewLabels, cfg: AdaptConfig, out: Path, classes):
