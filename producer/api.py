@@ -27,7 +27,7 @@ from shared.config import Settings
 from shared.connections import connect, is_busy
 from shared.contract import TASK_NAME, ChunkOptions
 from shared.leases import recover_with
-from shared.queue import make_celery
+from shared.celery_config import make_celery
 from shared.store import JobStatus, JobStore, new_job_id
 
 # ---- issue 12: rasters read by windows, objects in S3 (producer/rasters.py, shared/storage.py)

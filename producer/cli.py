@@ -47,9 +47,11 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:  # a role not installed / not built yet
-            @click.command(name=name, help=f"(unavailable: {exc})")
+            reason = str(exc)  # ``exc`` itself is unbound once the except block ends
+
+            @click.command(name=name, help=f"(unavailable: {reason})")
             def unavailable():
-                raise click.ClickException(f"command {name!r} is unavailable: {exc}")
+                raise click.ClickException(f"command {name!r} is unavailable: {reason}")
             return unavailable
 
 

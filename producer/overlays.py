@@ -103,7 +103,9 @@ def _base(path: str, size: tuple[int, int], scale: float, windowed: bool) -> Ima
     """The photo at map size: JPEG decoded at 1/2..1/8 when that is enough; a raster read decimated (issue 12)."""
     if windowed:
         return raster.read_reduced(path, size)
-    return load_rgb(storage.source(path, Settings().max_file_bytes), draft_scale=scale)
+    settings = Settings.load()
+    return load_rgb(storage.source(path, settings.max_file_bytes), max_pixels=settings.max_pixels,
+                    max_file_bytes=settings.max_file_bytes, draft_scale=scale)
 
 
 def probability_map(tiles: list[dict], size: tuple[int, int], scale: float) -> np.ndarray:

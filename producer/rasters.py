@@ -16,6 +16,7 @@ import statistics
 from typing import Iterable, Iterator
 
 from shared import raster
+from shared.config import default
 from shared.contract import ChunkOptions
 from shared.preprocessing import ImageError
 
@@ -50,7 +51,7 @@ def _windows_of(path: str, options: ChunkOptions, window: int) -> list[list[int]
     return raster.plan_windows(info.width, info.height, options.tile_size, options.tile_overlap, window)
 
 
-def item_weight(item: dict, tile: int = 227) -> int | None:
+def item_weight(item: dict, tile: int = default("tile_size")) -> int | None:
     """Chunk-planning weight of a window item (its tile count: each window of a big raster is a chunk)."""
     if "window" not in item:
         return None

@@ -12,7 +12,7 @@ from collections import Counter
 from producer.api import Client
 from producer.embedded import data_roots_for, local_workers, private_redis
 from producer.formats import MAP_FORMATS, PER_TILE_COLUMNS, open_results_file, write
-from shared.config import Settings
+from shared.config import Settings, default_concurrency
 from shared.contract import RESULT_COLUMNS
 from shared.storage import roots_for
 
@@ -55,7 +55,7 @@ def run_job(images: list[str], settings: Settings, *, out: str, fmt: str = "csv"
 
 def default_local_workers(settings: Settings) -> int:
     """Local worker processes by default: one per core on CPU, as ``crackq worker`` (docs/performance.md)."""
-    return 1 if settings.device == "gpu" else max(1, os.cpu_count() or 1)
+    return default_concurrency(settings)
 
 
 def _write_file(out: str, fmt: str, records: list[dict], per_tile: bool) -> None:

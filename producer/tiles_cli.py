@@ -21,12 +21,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from producer.candidates import plan
 from producer.discover import discover
 from shared import storage
 from shared.config import Settings
 from shared.mask_tiles import (DEFAULT_BORDER_FRACTION, DEFAULT_MIN_CRACK_FRACTION, POSITIVE, load_mask,
                                mask_tiles)
-from shared.preprocessing import IMAGE_EXTENSIONS, Box, ImageError, check_file, load_rgb, oriented_size, tile_grid
+from shared.preprocessing import IMAGE_EXTENSIONS, Box, ImageError, load_rgb
 
 MANIFEST = "tiles.csv"
 
@@ -75,23 +76,6 @@ def export(photos, out, size, sample, seed, strategy, no_recursive):
                f"`crackq train {out} --init-model MODEL --out NEW_MODEL_DIR`")
 
 
-def plan(paths: list[str], size: int, max_pixels: int,
-         max_file_bytes: int) -> tuple[list[tuple[str, Box]], dict[str, str]]:
-    """Every ``(photo, tile box)`` of ``paths`` (headers only, nothing decoded) and the unreadable photos."""
-    grid: list[tuple[str, Box]] = []
-    failed: dict[str, str] = {}
-    for path in paths:
-        try:
-            source = storage.source(path, max_file_bytes)  # issue 12: s3:// objects fetched
-            check_file(source, max_file_bytes)
-            width, height = oriented_size(source, max_pixels)
-        except ImageError as exc:
-            failed[path] = str(exc)
-            continue
-        grid.extend((path, box) for box in tile_grid(width, height, size))
-    return grid, failed
-
-
 def choose(grid: list[tuple[str, Box]], sample: int | None, seed: int) -> dict[str, list[Box]]:
     """The tiles to export, grouped by photo so each photo is decoded once."""
     picked = grid
@@ -106,7 +90,8 @@ def choose(grid: list[tuple[str, Box]], sample: int | None, seed: int) -> dict[s
 
 def choose_uncertain(grid: list[tuple[str, Box]], size: int, sample: int, settings: Settings) -> dict[str, list[Box]]:
     """The ``sample`` tiles :mod:`shared.picking` rates most worth labelling (``--strategy uncertain``)."""
-    from producer.candidates import Candidates, Tile, choose as pick
+    from producer.candidates import Candidates, Tile
+    from producer.candidates import choose as pick
     from shared.onnx_model import OnnxModel
 
     try:

@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from shared.checks import check_tiling
+
 ENV_PREFIX = "CRACKQ_"
-#: Values of the ``precision`` setting; "" = chosen by device (``worker.inference.resolve_precision``).
+#: Values of the ``precision`` setting; "" = chosen by device (``shared.inference.resolve_precision``).
 PRECISIONS = ("", "int8", "fp32", "fp16")
 
 #: The repository root when installed in editable mode (the default set-up).
@@ -53,8 +55,13 @@ class Settings:
     model: str = field(default=str(DEFAULT_MODEL), metadata={
         "help": "Path of the trained Keras model (.keras); its .onnx export and model card sit beside it."})
     backend: str = field(default="onnx", metadata={
-        "help": "Inference backend of workers: onnx (ONNX Runtime, fastest on CPU) or tf (TensorFlow)."})
+        "gpu": "tf",
+        "help": "Inference backend of workers: onnx (ONNX Runtime, fastest on CPU) or tf (TensorFlow). "
+                "Default on a GPU device: tf, unless a precision is set (a precision means ONNX Runtime)."})
     device: str = field(default="cpu", metadata={"help": "cpu or gpu (GPU: one worker process per GPU)."})
+    gpu_count: int = field(default=0, metadata={
+        "help": "GPUs a gpu worker spreads its processes over (process i uses GPU i mod count). "
+                "0: `crackq worker` counts them (CUDA_VISIBLE_DEVICES, nvidia-smi)."})
     # ---- precision (issue 15) ----
     precision: str = field(default="", metadata={
         "help": "Model precision of onnx workers: int8 (the INT8 model beside the FP32 ONNX), fp32, or fp16 "
@@ -64,7 +71,8 @@ class Settings:
     backbone_weights: str = field(default="imagenet", metadata={
         "help": "MobileNetV2 backbone weights for training: 'imagenet' (downloaded by Keras) or a .h5 path."})
     batch_size: int = field(default=8, metadata={
-        "help": "Images (or tiles) per forward pass in a worker (`crackq worker --device gpu`: 128)."})
+        "gpu": 128,
+        "help": "Images (or tiles) per forward pass in a worker (default on a GPU device: 128)."})
     chunk_size: int = field(default=64, metadata={"help": "Images per queued task (chunk)."})
     result_ttl: int = field(default=7 * 24 * 3600, metadata={
         "help": "Seconds that a job and its results live in Redis after their last update."})
@@ -122,6 +130,7 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        _device_defaults(values)
         if isinstance(values.get("scales"), (str, list)):
             values["scales"] = parse_scales(values["scales"])
         if isinstance(values.get("data_roots"), str):
@@ -148,8 +157,6 @@ class Settings:
             raise ValueError("task_time_limit must be below visibility_timeout, or a slow chunk is delivered twice")
         if self.raster_window < 256:
             raise ValueError("raster_window must be at least 256 px")
-        from shared.contract import check_tiling
-
         check_tiling(self.tile_size, self.tile_overlap)
         if self.max_tiles < 1 or self.max_deliveries < 1:
             raise ValueError("max_tiles and max_deliveries must be at least 1")
@@ -170,6 +177,33 @@ class Settings:
     @property
     def soft_time_limit(self) -> int:
         return max(1, int(self.task_time_limit * 0.9))
+
+
+def _device_defaults(values: dict) -> None:
+    """A GPU device's defaults (field metadata ``gpu``) for every field not set by variable or flag.
+
+    One place decides them, so ``CRACKQ_DEVICE=gpu`` and ``--device gpu`` serve alike.  A precision
+    asks for ONNX Runtime, so it keeps the ``onnx`` backend.
+    """
+    if values.get("device") != "gpu":
+        return
+    for f in fields(Settings):
+        if "gpu" in f.metadata and f.name not in values:
+            if f.name == "backend" and values.get("precision"):
+                continue
+            values[f.name] = f.metadata["gpu"]
+
+
+def default(name: str):
+    """The default of setting ``name`` (as declared above, before environment and flags)."""
+    return Settings.__dataclass_fields__[name].default
+
+
+def default_concurrency(settings: "Settings | None" = None) -> int:
+    """Worker processes when none is given: one per core on CPU (docs/performance.md), one on a GPU device."""
+    if settings is not None and settings.device == "gpu":
+        return 1
+    return max(1, os.cpu_count() or 1)
 
 
 def parse_scales(value) -> tuple[int, ...]:

@@ -70,7 +70,7 @@ def connect(url: str, *, check: bool = True, timeout: float = 5.0, retry_seconds
                                   retry=Retry(NoBackoff(), 0))
     if check:
         ping(client, url)  # fails fast: a wrong URL or password is reported at once
-    client.set_retry(ride_over_retry(Settings().redis_retry_seconds if retry_seconds is None else retry_seconds))
+    client.set_retry(ride_over_retry(Settings.load().redis_retry_seconds if retry_seconds is None else retry_seconds))
     return client
 
 

@@ -22,10 +22,11 @@ by ``index``, so a redelivered chunk overwrites) and returns a small summary
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field
 
-from shared.config import Settings, parse_scales
+from shared.checks import (MAX_SCALE, MAX_SCALES, MIN_TILE_SIZE, InvalidOptions,  # noqa: F401 - re-exported
+                           check_scales, check_threshold, check_tiling, is_int)
+from shared.config import default, parse_scales
 
 TASK_NAME = "crackq.classify_chunk"
 
@@ -53,16 +54,16 @@ TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "scale", "crack_probability"
 class ChunkOptions:
     """Per-job options that travel with every chunk, so a task is self-contained."""
 
-    threshold: float = 0.5
-    tile_size: int = 227
-    tile_overlap: int = 0
+    threshold: float = default("threshold")
+    tile_size: int = default("tile_size")
+    tile_overlap: int = default("tile_overlap")
     per_tile: bool = False
     #: issue 11: True when the job did not set a threshold: workers then use their model card's
     #: ``threshold`` (chosen by ``crackq adapt``), ``threshold`` being the fallback.  Workers that
     #: predate the field ignore it and use ``threshold``.
     model_threshold: bool = False
     #: Tiling scales of large photos; the default is the ``scales`` setting's (one source of truth).
-    scales: tuple[int, ...] = field(default=Settings.__dataclass_fields__["scales"].default)
+    scales: tuple[int, ...] = field(default=default("scales"))
 
     def __post_init__(self):
         object.__setattr__(self, "scales", parse_scales(self.scales))
@@ -97,45 +98,6 @@ class ChunkOptions:
         return options
 
 
-#: Smallest tile side (px): smaller tiles upscale a photo many times over and multiply its tile count.
-MIN_TILE_SIZE = 16
-#: At most this many tiling scales per job, each a positive integer at most :data:`MAX_SCALE`.
-MAX_SCALES = 4
-MAX_SCALE = 16
-
-
-class InvalidOptions(ValueError):
-    """Chunk options (or settings) out of their range; ``str()`` is the reason shown to the user."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_threshold(threshold) -> None:
-    if (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold)
-            or not 0.0 <= threshold <= 1.0):
-        raise InvalidOptions(f"threshold must be a number between 0 and 1, not {threshold!r}")
-
-
-def check_tiling(tile_size, tile_overlap) -> None:
-    """``tile_size`` 0 (no tiling) or at least :data:`MIN_TILE_SIZE`; ``0 <= tile_overlap < tile_size``."""
-    if not _is_int(tile_size) or (tile_size != 0 and tile_size < MIN_TILE_SIZE):
-        raise InvalidOptions(f"tile_size must be 0 (no tiling) or an integer of at least {MIN_TILE_SIZE} px, "
-                             f"not {tile_size!r}")
-    if not _is_int(tile_overlap) or tile_overlap < 0:
-        raise InvalidOptions(f"tile_overlap must be an integer of at least 0 px, not {tile_overlap!r}")
-    if tile_size and tile_overlap >= tile_size:
-        raise InvalidOptions(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
-
-
-def check_scales(scales) -> None:
-    if (not isinstance(scales, list) or not 1 <= len(scales) <= MAX_SCALES
-            or not all(_is_int(s) and 1 <= s <= MAX_SCALE for s in scales)):
-        raise InvalidOptions(f"scales must be a list of 1 to {MAX_SCALES} integers from 1 to {MAX_SCALE}, "
-                             f"not {scales!r}")
-
-
 def check_items(items) -> tuple[list[dict], list[dict]]:
     """Split a message's items into ``(usable, unusable)``.
 
@@ -148,7 +110,7 @@ def check_items(items) -> tuple[list[dict], list[dict]]:
         return [], []
     usable, unusable = [], []
     for item in items:
-        if not isinstance(item, dict) or not _is_int(item.get("index")) or item["index"] < 0:
+        if not isinstance(item, dict) or not is_int(item.get("index")) or item["index"] < 0:
             continue
         if isinstance(item.get("path"), str) and item["path"]:
             usable.append(item)
@@ -164,7 +126,7 @@ def resolve_threshold(options: ChunkOptions, card: dict) -> ChunkOptions:
         return options
     from dataclasses import replace
 
-    from shared.onnx_model import card_threshold
+    from shared.model_card import card_threshold
 
     return replace(options, threshold=card_threshold(card, options.threshold))
 
@@ -172,10 +134,6 @@ def resolve_threshold(options: ChunkOptions, card: dict) -> ChunkOptions:
 def make_items(paths: list[str], start: int = 0) -> list[dict]:
     """Task items for ``paths`` numbered from ``start``."""
     return [{"index": start + i, "path": p} for i, p in enumerate(paths)]
-
-
-def chunked(items: list[dict], size: int) -> list[list[dict]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def result_record(path: str, *, label: str = "", crack_probability: float | None = None, error: str = "",

@@ -1,6 +1,6 @@
 """The shipped model's ONNX export, loaded for the producer side (labelling page, tile picking).
 
-Workers have their own loader (``worker/inference.py``, with metrics and a
+Workers use the full loader (``shared/inference.py``: precision, providers, a
 TensorFlow backend), but ``producer/`` must not import ``worker/``; the
 labelling page and ``crackq tiles export --strategy uncertain`` need only
 "probability and pooled features of these tile inputs", which is this small
@@ -12,30 +12,13 @@ card's ``threshold`` (written by ``crackq adapt``) when there is one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from shared.preprocessing import INPUT_SIZE
+from shared.model_card import ModelInfo, card_threshold, onnx_path, read_card  # noqa: F401 - re-exported
 from shared.serving import POOLED_DIM
-
-CRACK_CLASS_NAMES = ("Positive", "positive", "crack", "Crack", "cracked")
-
-
-def card_threshold(card: dict, default: float = 0.5) -> float:
-    """The decision threshold a model card records (``threshold.value``), else ``default``."""
-    entry = card.get("threshold")
-    if isinstance(entry, dict):
-        entry = entry.get("value")
-    return float(entry) if isinstance(entry, (int, float)) else default
-
-
-def read_card(model_path: str | os.PathLike) -> dict:
-    path = Path(model_path).with_name("model_card.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 @dataclass
@@ -52,21 +35,16 @@ class OnnxModel:
     def load(cls, model_path: str | os.PathLike, threads: int = 0) -> "OnnxModel":
         import onnxruntime as ort
 
-        onnx_path = Path(model_path).with_suffix(".onnx")
-        if not onnx_path.exists():
-            raise FileNotFoundError(f"{onnx_path} not found: export it with `crackq export {model_path}`")
-        card = read_card(model_path)
-        classes = card.get("classes", ["Negative", "Positive"])
-        positive = card.get("positive_class")
-        crack_index = (classes.index(positive) if positive in classes else
-                       next((i for i, c in enumerate(classes) if c in CRACK_CLASS_NAMES), len(classes) - 1))
+        path = onnx_path(model_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: export it with `crackq export {model_path}`")
+        info = ModelInfo.from_model_path(model_path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        size = card.get("input", {}).get("size", [INPUT_SIZE])[0]
-        return cls(session, crack_index, int(size), card)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return cls(session, info.crack_index, info.input_size, info.card)
 
     def threshold(self, default: float = 0.5) -> float:
         return card_threshold(self.card, default)

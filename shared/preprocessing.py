@@ -21,6 +21,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from shared.config import default
+
 #: Side of the square model input (the recipe's 160×160).
 INPUT_SIZE = 160
 #: Resize filter for every resize in training and serving (Pillow's antialiased bilinear).
@@ -210,7 +212,7 @@ def decode_budget(max_pixels: int) -> int:
 
 
 def check_tiling_budget(width: int, height: int, tile: int, overlap: int, *, size: int = INPUT_SIZE,
-                        max_pixels: int = 150_000_000, max_tiles: int = 4096) -> None:
+                        max_pixels: int = default("max_pixels"), max_tiles: int = default("max_tiles")) -> None:
     """Refuse, from the header alone, a photo whose tiles would cost too much.
 
     Two costs grow with small tiles: the tile count (each tile is a model
@@ -234,7 +236,7 @@ def tile_count(width: int, height: int, tile: int, overlap: int = 0) -> int:
     return along(width) * along(height)
 
 
-def load_rgb(path: Source, *, max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
+def load_rgb(path: Source, *, max_pixels: int = default("max_pixels"), max_file_bytes: int = default("max_file_bytes"),
              draft_scale: float = 1.0) -> Image.Image:
     """Decode ``path`` to an EXIF-oriented 8-bit RGB image.
 
@@ -418,9 +420,9 @@ def region_probabilities(boxes: list[Box], scales: np.ndarray, probs: np.ndarray
     return out
 
 
-def prepare_image(path: Source, *, size: int = INPUT_SIZE, tile: int = 227, overlap: int = 0,
-                  max_pixels: int = 150_000_000, max_file_bytes: int = 512 * 1024 * 1024,
-                  max_tiles: int = 4096, scales: tuple[int, ...] = (1,)) -> PreparedImage:
+def prepare_image(path: Source, *, size: int = INPUT_SIZE, tile: int = default("tile_size"), overlap: int = 0,
+                  max_pixels: int = default("max_pixels"), max_file_bytes: int = default("max_file_bytes"),
+                  max_tiles: int = default("max_tiles"), scales: tuple[int, ...] = default("scales")) -> PreparedImage:
     """Decode ``path`` (or a file from :func:`open_checked`) into model inputs: whole if it fits in a
     tile, else as a grid of tiles per scale.
 

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from shared import storage
+from shared.config import default
 from shared.preprocessing import INPUT_SIZE, Box, ImageError, PreparedImage, tile_grid, tiles_to_inputs
 
 #: File extensions that are planned as rasters (read by GDAL) rather than decoded by Pillow.
@@ -151,8 +152,8 @@ def window_tiles(width: int, height: int, window: list[int], tile: int, overlap:
     return out
 
 
-def prepare_window(path: str, window: list[int], *, size: int = INPUT_SIZE, tile: int = 227, overlap: int = 0,
-                   max_pixels: int = 150_000_000) -> PreparedWindow:
+def prepare_window(path: str, window: list[int], *, size: int = INPUT_SIZE, tile: int = default("tile_size"), overlap: int = 0,
+                   max_pixels: int = default("max_pixels")) -> PreparedWindow:
     """Read one window of a raster and make model inputs of its valid tiles."""
     x, y, w, h = (int(v) for v in window)
     if w < 1 or h < 1 or w * h > max_pixels:

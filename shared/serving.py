@@ -59,32 +59,6 @@ def _features(keras_model):
     return keras.layers.Concatenate(axis=-1, name="features")(parts)
 
 
-# ---- model files beside the .keras model (one place names them) ------------------------------------
-#: ONNX metadata key of an INT8 model: the sha256 of the FP32 ONNX it was quantized from.
-INT8_SOURCE_KEY = "crackq.fp32_onnx_sha256"
-#: ONNX metadata key of an INT8 model: "true" when it passed the accuracy gate on every labelled test set,
-#: the condition for CPU workers to serve it by default.
-INT8_DEFAULT_KEY = "crackq.cpu_default"
-
-
-def onnx_path(model_path) -> "Path":
-    """The FP32 ONNX export of ``model_path`` (``.keras``): same folder, same stem, ``.onnx``."""
-    from pathlib import Path
-
-    return Path(model_path).with_suffix(".onnx")
-
-
-def int8_onnx_path(model_path) -> "Path":
-    """The INT8 (QDQ) ONNX model made from :func:`onnx_path` by ``crackq export --int8``."""
-    path = onnx_path(model_path)
-    return path.with_name(path.stem + ".int8.onnx")
-
-
-def file_sha256(path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# The model's file names live in shared.model_card; re-exported for older imports.
+from shared.model_card import (INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256,  # noqa: E402,F401
+                               int8_onnx_path, onnx_path)

@@ -23,7 +23,7 @@ Finer checks (only crackq's own tasks, arguments of the contract's shape)
 live in :mod:`worker.consumer`, which refuses such messages before they reach
 this last line of defence.
 
-Installed by :func:`register` (called by :func:`shared.queue.make_celery`) as
+Installed by :func:`register` (called by :func:`shared.celery_config.make_celery`) as
 the transport of ``redis://`` and ``rediss://`` URLs, kombu's own extension
 point (``TRANSPORT_ALIASES``), so URLs, logs and TLS handling stay kombu's.
 """

@@ -109,7 +109,7 @@ def test_survey_team_loop_export_label_finetune_serve(concrete_dir, shipped_mode
     assert records[0]["in_domain"] is True and all(isinstance(r["in_domain"], bool) for r in records)
 
     from shared.config import Settings
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     inputs = prepare_image(str(photo_path)).inputs  # what the worker decodes from the JPEG
     mine = load_classifier(Settings.load(model=str(new_model), batch_size=16)).predict(inputs)[0]

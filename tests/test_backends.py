@@ -1,7 +1,7 @@
 """The worker's inference: its two backends, its GPU code path on a machine without a GPU, and the
 throughput mechanics around it (decode overlapping inference, one BLAS thread, the producer's polling).
 
-``worker.inference.load_classifier`` with ``backend=tf`` (TensorFlow, the
+``shared.inference.load_classifier`` with ``backend=tf`` (TensorFlow, the
 reference) and ``backend=onnx`` (ONNX Runtime, the CPU default) must give
 the same probabilities on real images; the GPU settings (``--device gpu``,
 ``plan()``, ``pin_gpu()``, TensorFlow memory growth) must work, falling back
@@ -24,9 +24,9 @@ from shared.contract import ChunkOptions, make_items
 from shared.preprocessing import prepare_image
 from tests.service import wait_until
 from worker.cli import plan
-from worker.inference import ModelInfo, load_classifier
+from shared.inference import ModelInfo, load_classifier
 from worker.pipeline import ChunkRunner, limit_blas_threads
-from worker.state import pin_gpu
+from worker.context import pin_gpu
 
 PER_CLASS = 12
 
@@ -97,7 +97,7 @@ def test_tensorflow_gpu_configuration_turns_memory_growth_on(monkeypatch):
     several worker processes can share one; a CPU worker hides them; a second configuration only warns."""
     import tensorflow as tf
 
-    from worker.inference import configure_tensorflow
+    from shared.inference import configure_tensorflow
 
     gpus = ["GPU:0", "GPU:1"]
     growth, hidden = [], []
@@ -119,13 +119,15 @@ def test_tensorflow_gpu_configuration_turns_memory_growth_on(monkeypatch):
 
 def test_plan_and_pin_gpu(monkeypatch):
     gpu = Settings.load(device="gpu", threads=0)
-    assert plan(gpu, None, 3) == (3, {"CRACKQ_GPU_COUNT": "3"})
+    processes, planned = plan(gpu, None, 3)
+    assert processes == 3 and planned.gpu_count == 3
     assert plan(gpu, None, 0)[0] == 1  # no GPU found: one process, which then runs on the CPU
     assert plan(gpu, 2, 1)[0] == 2
+    assert plan(gpu.replace(gpu_count=2), None, 3)[1].gpu_count == 2  # CRACKQ_GPU_COUNT wins over the count
     cpu = Settings.load(device="cpu", threads=0)
-    processes, env = plan(cpu, 2, 0)
-    assert processes == 2 and env["CRACKQ_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
-    assert plan(Settings.load(device="cpu", threads=3), 2, 0) == (2, {})
+    processes, planned = plan(cpu, 2, 0)
+    assert processes == 2 and planned.threads == max(1, (os.cpu_count() or 1) // 2)
+    assert plan(Settings.load(device="cpu", threads=3), 2, 0) == (2, Settings.load(device="cpu", threads=3))
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert pin_gpu(5, 0) is None and "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -188,3 +190,18 @@ def test_waiting_polls_often_only_when_a_result_is_near():
     assert poll_interval(done=0, total=2000, elapsed=60.0, longest=0.2) == 0.2
     assert poll_interval(done=1000, total=2000, elapsed=3.0, longest=0.2) == 0.2  # ~3 s to go
     assert poll_interval(done=1990, total=2000, elapsed=6.0, longest=0.2) < 0.02  # ~30 ms to go
+
+
+def test_gpu_defaults_come_from_one_place(monkeypatch):
+    """``CRACKQ_DEVICE=gpu`` and ``--device gpu`` get the same defaults; explicit values win."""
+    for key in ("CRACKQ_BACKEND", "CRACKQ_BATCH_SIZE", "CRACKQ_PRECISION", "CRACKQ_DEVICE"):
+        monkeypatch.delenv(key, raising=False)
+    by_flag = Settings.load(device="gpu")
+    monkeypatch.setenv("CRACKQ_DEVICE", "gpu")
+    by_env = Settings.load()
+    assert (by_flag.backend, by_flag.batch_size) == (by_env.backend, by_env.batch_size) == ("tf", 128)
+    assert Settings.load(precision="fp16").backend == "onnx"  # a precision means ONNX Runtime
+    monkeypatch.setenv("CRACKQ_BATCH_SIZE", "32")
+    assert Settings.load().batch_size == 32
+    monkeypatch.setenv("CRACKQ_DEVICE", "cpu")
+    assert (Settings.load().backend, Settings.load(batch_size=None).batch_size) == ("onnx", 32)

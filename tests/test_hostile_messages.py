@@ -20,7 +20,7 @@ from producer.api import Client
 from producer.embedded import free_port
 from shared.config import Settings
 from shared.contract import TASK_NAME
-from shared.queue import make_celery
+from shared.celery_config import make_celery
 from tests.faults import mixed_paths, waiting
 from tests.service import crackq_cli, wait_until
 

@@ -19,7 +19,7 @@ from shared.config import Settings
 from shared.serving import int8_onnx_path, onnx_path
 from tests.conftest import SHARED_DIR, _require
 from training import quantize
-from worker.inference import int8_problem, load_classifier, resolve_precision
+from shared.inference import int8_problem, load_classifier, resolve_precision
 
 #: Real images per class of the Özgenel test split, and uav-concrete photos (4 tiles each), for the gate.
 GATE_PATCHES_PER_CLASS = 100

@@ -263,7 +263,7 @@ def test_shipped_in_domain_check_on_held_out_uav_photos(shipped_model, uav_dir, 
     from shared.mask_tiles import label_tile, load_mask
     from training.data import Split
     from training.sources import load_photo_split
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
     from worker.pipeline import ChunkRunner
 
     scorer = DomainScorer.load(shipped_model.parent)

@@ -15,7 +15,7 @@ import pytest
 from producer.api import Client
 from shared.config import Settings
 from shared.contract import TASK_NAME
-from shared.queue import make_celery
+from shared.celery_config import make_celery
 from tests.faults import TlsRedisServer, idle, mixed_paths, tls_redis_binary
 from tests.service import REPO, wait_until
 

@@ -109,7 +109,7 @@ def test_photo_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
 def patch_probabilities(survey_job, shipped_model):
     """Crack probability of every mosaic patch classified alone, in-process with the shipped model."""
     from shared.config import Settings
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     classifier = load_classifier(Settings.load(model=str(shipped_model), backend="onnx", batch_size=16))
     out = {}
@@ -181,7 +181,7 @@ def test_worker_holds_only_a_few_decoded_photos_at_once(shipped_model, tmp_path,
     import worker.pipeline as pipeline
     from shared.config import Settings
     from shared.contract import ChunkOptions
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     paths = []
     for i in range(6):

@@ -18,8 +18,7 @@ def build(cfg, split, backbone: dict, history: dict, extraction: dict, metrics: 
           onnx_diff: float, backbone_fingerprint: str) -> dict:
     """Assemble the card of one ``crackq train`` run (a JSON-able dict)."""
     from training.export import OPSET
-    from training.model import file_sha256
-    from training.train import MODEL_FILE, ONNX_FILE, SPLIT_FILE
+    from shared.model_card import MODEL_FILE, ONNX_FILE, SPLIT_FILE, file_sha256
 
     test = metrics.get("test", {})
     return {

@@ -4,7 +4,7 @@ The description (:mod:`shared.domain`) is fitted on a seeded, class-balanced
 sample of the TRAIN split, its z-scores and threshold are set on the
 VALIDATION split (99th percentile: about 1 % of familiar images flagged), and
 the TEST split measures how many held-out images it passes.  Features come
-from the model's ONNX export through the worker's own inference code, so they
+from the model's ONNX export through the workers' own inference code (``shared.inference``), so they
 are exactly the ones workers will score.
 
 Outputs, beside the model: ``domain.npz`` (a few MB) and a ``domain`` entry in
@@ -14,7 +14,6 @@ pass rate, file name and sha256).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import click
 import numpy as np
 
 from shared.domain import FILE_NAME, FORMAT, Component, DomainScorer
+from shared.model_card import read_card, write_card
 from shared.serving import feature_layout
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,7 @@ def fit_domain(model_path: str | os.PathLike, data_dir: str | os.PathLike, split
     out.mkdir(parents=True, exist_ok=True)
     scorer.save(out / FILE_NAME)
     entry = summary(scorer, val, test, out / FILE_NAME)
-    card = _card(out)
-    if card:
-        card["domain"] = entry
-        card.setdefault("files", {})["domain"] = FILE_NAME
-        (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    _record(out, entry)
     return entry
 
 
@@ -134,7 +130,7 @@ def _meta(specs, stats, threshold, dim, fingerprint) -> dict:
 
 def summary(scorer: DomainScorer, val: np.ndarray, test: np.ndarray, path: Path) -> dict:
     """The model card's ``domain`` entry."""
-    from training.model import file_sha256
+    from shared.model_card import file_sha256
 
     dummy = np.zeros(0)
     val_flagged = float(np.mean(~scorer.score(val, dummy)[1].astype(bool)))
@@ -169,9 +165,9 @@ def balanced_sample(files: list[str], n: int, seed: int) -> list[str]:
 
 
 def onnx_classifier(model_path, batch_size: int):
-    """The worker's ONNX classifier for ``model_path`` (features exactly as served)."""
+    """The ONNX classifier for ``model_path`` exactly as workers serve it (same loader, same features)."""
     from shared.config import Settings
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     return load_classifier(Settings.load(model=str(model_path), backend="onnx", batch_size=batch_size))
 
@@ -192,8 +188,16 @@ def features_of(classifier, root, files: list[str], label: str = "features") -> 
 
 
 def _card(out: Path) -> dict:
-    path = out / "model_card.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return read_card(out)
+
+
+def _record(out: Path, entry: dict) -> None:
+    """The description's summary into the model card of ``out`` (when there is one)."""
+    card = _card(out)
+    if card:
+        card["domain"] = entry
+        card.setdefault("files", {})["domain"] = FILE_NAME
+        write_card(out, card)
 
 
 def _forget(out: Path) -> None:
@@ -202,7 +206,7 @@ def _forget(out: Path) -> None:
     card = _card(out)
     card.get("files", {}).pop("domain", None)
     if card.pop("domain", None) is not None:
-        (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        write_card(out, card)
 
 
 @click.command(name="domain-fit")
@@ -313,11 +317,7 @@ def fit_domain_sets(model_path, out_dir, sets: dict, classes, *, per_source_trai
     if first_test is not None:
         entry["test_in_domain_rate"] = entry["by_source"]["test"][first_test.source]["coverage"]
         entry["test_images"] = int(len(first_test.labels))
-    card = _card(out)
-    if card:
-        card["domain"] = entry
-        card.setdefault("files", {})["domain"] = FILE_NAME
-        (out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    _record(out, entry)
     return entry
 
 

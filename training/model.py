@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.model_card import file_sha256  # noqa: F401 - re-exported for older imports
 from shared.preprocessing import INPUT_SIZE
+from shared.serving import POOLED_DIM
 
 #: Layer names other code relies on (serving uses "pooled" and "probabilities").
 INPUT_NAME, FEATURES_LAYER, DROPOUT_LAYER, OUTPUT_LAYER = "image", "pooled", "dropout", "probabilities"
 #: Layers of the multi-layer head (``extra_layers`` / ``hidden`` of :func:`build_model`).
 HEAD_INPUT_LAYER, HIDDEN_LAYER = "head_features", "head_hidden"
-FEATURES_DIM = 1280
+FEATURES_DIM = POOLED_DIM
 NUM_BLOCKS = 16  # inverted-residual blocks block_1 … block_16 (block_0 is "expanded_conv")
 
 #: Backbone weight files whose provenance we know; the note goes into the model card.
@@ -150,14 +152,6 @@ def weights_fingerprint(layers) -> str:
         for w in layer.weights:
             digest.update(w.path.encode())
             digest.update(np.ascontiguousarray(w.numpy()).tobytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -28,7 +28,6 @@ from training import multisource as ms
 from training import sources
 from training.augment import FULL, GEOMETRIC, AugmentConfig
 from training.data import SPLIT_NAMES, Split, list_labelled, list_sha256, make_split
-from training.progress import bar
 
 log = logging.getLogger(__name__)
 

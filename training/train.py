@@ -24,21 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.model_card import CARD_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE, read_card, write_card  # noqa: F401
 from training import card as card_lib
 from training import features as features_lib
 from training import model as model_lib
-from training import plots
-from training.data import DEFAULT_RATIOS, Split, iter_batches, list_labelled, make_split, warn_skipped
-from training.evaluate import predict_files, score
+from training import plots, runs
+from training.data import DEFAULT_RATIOS, Split, iter_batches, warn_skipped
 from training.export import export_onnx
 from training.progress import bar
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE, ONNX_FILE, CARD_FILE, SPLIT_FILE = (
-    "crackq_mobilenetv2.keras", "crackq_mobilenetv2.onnx", "model_card.json", "split.json")
-EVAL_BATCH = 64
-GRID_IMAGES = 32
 
 
 @dataclass
@@ -84,20 +80,13 @@ class TrainConfig:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the whole recipe and return the model card (also written to ``cfg.out``)."""
-    import keras
-
     if cfg.multi_source:
         from training.train_multi import train_multi
 
         return train_multi(cfg)
 
     start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
-
-    data = list_labelled(cfg.data_dir)
-    split = make_split(data, cfg.seed, cfg.ratios, cfg.limit_per_class)
+    out, data, split = runs.begin(cfg)
     model, backbone = _initial_model(cfg, data.classes)
     model_lib.set_trainable(model, cfg.unfreeze_blocks)
     log.info("training on %s", {k: v["total"] for k, v in split.counts().items()})
@@ -108,21 +97,21 @@ def train(cfg: TrainConfig) -> dict:
     train_seconds = time.perf_counter() - start
 
     shipped = model_lib.load_model(out / MODEL_FILE)
-    metrics, test_pred = _score_splits(shipped, split, cfg.data_dir)
+    metrics, test_pred = runs.score_splits(shipped, split, cfg.data_dir)
     split.save(out / SPLIT_FILE)
-    images, labels, probs = _grid_examples(cfg.data_dir, split, test_pred)
+    images, labels, probs = runs.grid_examples(cfg.data_dir, split, test_pred)
     onnx_diff = export_onnx(shipped, out / ONNX_FILE, check_inputs=images if len(images) else None)
     _write_plots(out, history, metrics, images, labels, probs, split.classes)
 
     card = card_lib.build(cfg, split, backbone, history, extraction, metrics, train_seconds, onnx_diff,
                           model_lib.weights_fingerprint(model_lib.backbone_layers(shipped)))
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(out, card)
     # The in-domain check describes this model's features, so it is refitted with every model.
     from training.domain_fit import fit_domain
 
     fit_domain(out / MODEL_FILE, cfg.data_dir, out / SPLIT_FILE, out)
     _export_int8(out / MODEL_FILE, cfg.data_dir)  # issue 15: the INT8 model, if it passes its gate
-    return json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    return read_card(out)
 
 
 def _export_int8(model_path: Path, data_dir: str) -> None:
@@ -225,7 +214,7 @@ def decode_all(root: str, split: Split, name: str):
     ok = np.zeros(len(files), bool)
     bad: list[dict] = []
     with bar(f"decode {name}", len(files)) as advance:
-        for positions, batch in iter_batches(root, files, EVAL_BATCH, bad):
+        for positions, batch in iter_batches(root, files, runs.EVAL_BATCH, bad):
             images[positions], ok[positions] = batch, True
             advance(len(positions))
     warn_skipped(bad)
@@ -242,36 +231,6 @@ def augment(image, label):
     image = tf.image.random_flip_up_down(image)
     image = tf.image.rot90(image, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
     return tf.clip_by_value(image + tf.random.uniform([], -25.5, 25.5), 0, 255), label
-
-
-def _score_splits(model, split: Split, root: str):
-    """Metrics of the saved model on val and test images; returns them and the test predictions."""
-    metrics, test_pred = {}, None
-    for name, key in (("val", "validation"), ("test", "test")):
-        files = split.files[name]
-        if not files:
-            continue
-        with bar(f"score {name}", len(files)) as advance:
-            probs, kept, bad = predict_files(model, root, files, EVAL_BATCH, advance)
-        warn_skipped(bad)
-        split.drop(bad)
-        metrics[key] = score(split.labels(name), probs)
-        if name == "test":
-            test_pred = (kept, probs)
-    return metrics, test_pred
-
-
-def _grid_examples(root: str, split: Split, test_pred):
-    """Up to 32 test images for the prediction grid and the ONNX check: every mistake first, then the rest."""
-    if test_pred is None:
-        return np.zeros((0,)), np.zeros((0,), int), np.zeros((0, 2))
-    files, probs = test_pred
-    labels = split.labels("test")
-    wrong = np.flatnonzero(probs.argmax(axis=1) != labels)
-    right = np.random.default_rng(0).permutation(np.flatnonzero(probs.argmax(axis=1) == labels))
-    chosen = np.concatenate([wrong, right])[:GRID_IMAGES]
-    images = np.concatenate([b for _, b in iter_batches(root, [files[i] for i in chosen], EVAL_BATCH, [])])
-    return images, labels[chosen], probs[chosen]
 
 
 def _write_plots(out: Path, history, metrics, images, labels, probs, classes) -> None:

@@ -9,19 +9,18 @@ uav-concrete photos per tile size.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
+from shared.model_card import MODEL_FILE, ONNX_FILE, SPLIT_FILE, read_card, write_card
 from training import card as card_lib
 from training import model as model_lib
 from training import multisource as ms
 from training import multitrain as mt
-from training import plots, sources
-from training.data import list_labelled, make_split
+from training import plots, runs, sources
 from training.evaluate import score
 from training.export import export_onnx
 from training.progress import bar
@@ -52,16 +51,8 @@ def build(cfg):
 
 def train_multi(cfg) -> dict:
     """The multi-source run; returns the model card (also written to ``cfg.out``)."""
-    import keras
-
-    from training.train import CARD_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE, _score_splits
-
     start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(cfg.seed)
-    data = list_labelled(cfg.data_dir)
-    split = make_split(data, cfg.seed, cfg.ratios, cfg.limit_per_class)
+    out, _data, split = runs.begin(cfg)
     uav_split = _uav_split(cfg, out)
     mcfg = multi_config(cfg, split, uav_split)
     model, backbone, head = build(cfg)
@@ -77,7 +68,7 @@ def train_multi(cfg) -> dict:
     train_seconds = time.perf_counter() - start
 
     shipped = model_lib.load_model(out / MODEL_FILE)
-    metrics, test_pred = _score_splits(shipped, split, cfg.data_dir)
+    metrics, test_pred = runs.score_splits(shipped, split, cfg.data_dir)
     metrics["by_source"] = {mt.OZGENEL: {"val": metrics.get("validation"), "test": metrics.get("test")}}
     held_out = {}
     for spec in mt.specs(mcfg, ("val", "test")):
@@ -87,9 +78,7 @@ def train_multi(cfg) -> dict:
         metrics["by_source"].setdefault(spec.source, {})[spec.split] = entry
         held_out[(spec.source, spec.split)] = kept
     split.save(out / SPLIT_FILE)
-    from training.train import _grid_examples
-
-    images, labels, probs = _grid_examples(cfg.data_dir, split, test_pred)
+    images, labels, probs = runs.grid_examples(cfg.data_dir, split, test_pred)
     onnx_diff = export_onnx(shipped, out / ONNX_FILE, check_inputs=images if len(images) else None)
     plots.training_curves(history, out / "plots" / "training_curves.png")
     if "test" in metrics:
@@ -116,12 +105,12 @@ def train_multi(cfg) -> dict:
     card["training"]["augmentation"] = mt.augment_doc(mcfg)
     card["training"]["sample_weights"] = "each source, and each class within it, weighs the same in the loss"
     card["training"]["feature_extraction"]["inputs"] = int(sum(len(f) for _, f in feats))
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(out, card)
 
     from training.domain_fit import fit_domain_sets
 
     fit_domain_sets(out / MODEL_FILE, out, domain_sets(mcfg, cfg.seed), split.classes)
-    return json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    return read_card(out)
 
 
 def describe_architecture(head: ms.HeadConfig) -> str:

@@ -1,10 +1,12 @@
 """``crackq worker``: a thin wrapper over Celery's own worker.
 
-It turns flags into ``CRACKQ_*`` settings (so every pool process sees the
-same values), checks that the model files are there before consuming anything
-(a worker that cannot load its model must not swallow chunks), picks sensible
-CPU/GPU defaults, and hands over to ``celery worker``.  ``celery -A worker.app
-worker`` works too, with settings from the environment.
+It turns flags into one :class:`~shared.config.Settings` (the device's defaults
+come from :meth:`Settings.load`, for the flag and ``CRACKQ_DEVICE`` alike),
+checks that the model files are there before consuming anything (a worker that
+cannot load its model must not swallow chunks), plans processes and threads,
+installs the settings as the worker's context (:mod:`worker.context`; pool
+processes inherit them) and hands over to ``celery worker``.  ``celery -A
+worker.app worker`` works too, with settings from the environment.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from shared.config import ENV_PREFIX, Settings
+from shared.config import Settings, default_concurrency
+from shared.model_card import onnx_path
 
 
 def count_gpus() -> int:
@@ -33,20 +36,18 @@ def count_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-def plan(settings: Settings, concurrency: int | None, gpus: int) -> tuple[int, dict]:
-    """Processes to start and the settings they need (threads per process, GPU batch/backend)."""
-    env: dict[str, str] = {}
+def plan(settings: Settings, concurrency: int | None, gpus: int) -> tuple[int, Settings]:
+    """Processes to start and the settings they run with (threads per process, GPUs to spread over)."""
     if settings.device == "gpu":
-        # One process per GPU; each pins its own device in worker.state.
+        # One process per GPU; each pins its own device (worker.context.pin_gpu).
         concurrency = concurrency or max(1, gpus)
-        env["CRACKQ_GPU_COUNT"] = str(gpus)
-    else:
-        # One process per core with one inference thread each: the most images per CPU second (no
-        # intra-op synchronisation) and linear scaling; measured in docs/performance.md.
-        concurrency = concurrency or max(1, os.cpu_count() or 1)
-        if not settings.threads:
-            env[ENV_PREFIX + "THREADS"] = str(max(1, (os.cpu_count() or 1) // concurrency))
-    return concurrency, env
+        return concurrency, settings.replace(gpu_count=settings.gpu_count or gpus)
+    # One process per core with one inference thread each: the most images per CPU second (no
+    # intra-op synchronisation) and linear scaling; measured in docs/performance.md.
+    concurrency = concurrency or default_concurrency()
+    if not settings.threads:
+        settings = settings.replace(threads=max(1, (os.cpu_count() or 1) // concurrency))
+    return concurrency, settings
 
 
 def check_redis(settings: Settings) -> None:
@@ -64,12 +65,12 @@ def check_redis(settings: Settings) -> None:
 
 def check_model(settings: Settings) -> None:
     model = Path(settings.model)
-    needed = [model.with_suffix(".onnx")] if settings.backend == "onnx" else [model]
+    needed = [onnx_path(model)] if settings.backend == "onnx" else [model]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         raise click.ClickException(f"model file not found: {', '.join(missing)} (set CRACKQ_MODEL or --model)")
     if settings.precision == "int8":
-        from worker.inference import int8_problem
+        from shared.inference import int8_problem
 
         problem = int8_problem(settings.model)
         if problem:
@@ -97,31 +98,18 @@ def check_model(settings: Settings) -> None:
 def worker(concurrency, device, backend, precision, model, redis_url, data_roots, batch_size, threads,
            metrics_port, hostname, loglevel, pool):
     """Start a worker that classifies chunks from the queue."""
-    overrides = dict(device=device, backend=backend, precision=precision, model=model, redis_url=redis_url,
-                     data_roots=data_roots, batch_size=batch_size, threads=threads, metrics_port=metrics_port, log_level=loglevel)
-    if device == "gpu":
-        if backend is None and not os.environ.get(ENV_PREFIX + "BACKEND") and not precision:
-            overrides["backend"] = "tf"  # a precision implies the onnx backend (ONNX Runtime's CUDA provider)
-        if batch_size is None and not os.environ.get(ENV_PREFIX + "BATCH_SIZE"):
-            overrides["batch_size"] = 128
-    settings = Settings.load(**overrides)
+    settings = Settings.load(device=device, backend=backend, precision=precision, model=model,
+                             redis_url=redis_url, data_roots=data_roots, batch_size=batch_size, threads=threads,
+                             metrics_port=metrics_port, log_level=loglevel)
     check_model(settings)
     check_redis(settings)
-    concurrency, extra_env = plan(settings, concurrency, count_gpus() if settings.device == "gpu" else 0)
-    _export(settings, overrides, extra_env)
+    concurrency, settings = plan(settings, concurrency, count_gpus() if settings.device == "gpu" else 0)
+    from worker import context
 
-    from worker.app import app  # imported after the environment is set: it reads Settings.load()
+    context.install(settings)
+    from worker.app import app  # built with the installed settings
 
     argv = ["worker", "--pool", pool, "--concurrency", str(concurrency), "-Q", settings.queue,
             "--loglevel", settings.log_level, "-n", hostname or f"crackq-{os.getpid()}@%h",
             "--without-mingle", "--without-gossip"]
     app.worker_main(argv)
-
-
-def _export(settings: Settings, overrides: dict, extra_env: dict) -> None:
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        value = getattr(settings, name)
-        os.environ[ENV_PREFIX + name.upper()] = os.pathsep.join(value) if isinstance(value, tuple) else str(value)
-    os.environ.update(extra_env)

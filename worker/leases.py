@@ -19,8 +19,8 @@ import time
 
 from celery import bootsteps
 
-from shared.config import Settings
 from shared.leases import recover, renew
+from worker import context
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class LeaseKeeper(bootsteps.StartStopStep):
 
     def __init__(self, parent, **kwargs):
         super().__init__(parent, **kwargs)
-        self.settings = Settings.load()
+        self.settings = context.settings()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 

@@ -12,11 +12,11 @@ with a short Redis timeout, so a scrape never hangs on a slow Redis.
 
 Life cycle:
 
-* :func:`serve` runs in the main process on Celery's ``worker_init`` signal,
+* :func:`serve` runs in the main process on Celery's ``worker_init`` signal (``worker/app.py``),
   before the pool forks: it sets ``PROMETHEUS_MULTIPROC_DIR`` (a fresh
   temporary folder unless the operator set one) *before* ``prometheus_client``
   is imported, so every pool process inherits multiprocess mode.
-* :func:`start` runs once per pool process (``worker.state.load``) and
+* :func:`start` runs once per pool process (``worker.context.current``) and
   creates the metric objects there.
 * :func:`observe_chunk`, :func:`observe_batch` and :func:`observe_failure`
   are called from the task and the pipeline; with metrics off they return at
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from typing import Iterable
 
-from celery.signals import worker_init, worker_shutdown
+from celery.signals import worker_shutdown
 
 from shared.config import Settings
 
@@ -116,7 +116,7 @@ class ClusterCollector:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from worker.inference import ModelInfo
+        from shared.model_card import ModelInfo
 
         self.settings = settings
         self.model = ModelInfo.from_model_path(settings.model).name
@@ -237,10 +237,10 @@ def observe_refused(reason: str) -> None:
     counter.labels(reason=reason).inc()
 
 
-@worker_init.connect
-def _serve_in_main_process(**_kwargs):
+def serve_in_main_process(settings: Settings) -> None:
+    """:func:`serve`, never raising (connected to ``worker_init`` by ``worker/app.py``)."""
     try:
-        serve(Settings.load())
+        serve(settings)
     except Exception:  # noqa: BLE001 - metrics must never keep a worker from classifying
         log.exception("metrics: could not start the /metrics endpoint")
 

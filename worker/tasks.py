@@ -17,14 +17,13 @@ import logging
 import time
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from shared.connections import RedisBusy, is_busy
 from shared.contract import TASK_NAME, ChunkOptions, InvalidOptions, check_items, error_record
 from shared.store import JOB_CANCELLED, JOB_MISSING
-from worker import metrics, state
-from worker.app import app, settings
+from worker import context, metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class ChunkTask(Task):
         log.error("job %s chunk %s failed: %s", job_id, task_id, reason)
         metrics.observe_failure()
         try:
-            fail_chunk(state.store(), job_id, task_id, items, reason)
+            fail_chunk(context.store(), job_id, task_id, items, reason)
         except Exception:  # noqa: BLE001 - nothing more we can do; the job stays incomplete
             log.exception("could not record the failure of chunk %s", task_id)
 
@@ -66,13 +65,14 @@ class ChunkTask(Task):
 def fail_chunk(store, job_id: str, chunk_id: str, items: list[dict], reason: str) -> None:
     """Error records for the chunk's images without a record, and the chunk ``failed``: one Redis step."""
     usable, unusable = check_items(items)
-    records = {i["index"]: error_record(i["path"], reason, worker=state.worker_name()) for i in usable + unusable}
+    records = {i["index"]: error_record(i["path"], reason, worker=context.worker_name()) for i in usable + unusable}
     store.fail_chunk(job_id, chunk_id, records)
 
 
-@app.task(name=TASK_NAME, base=ChunkTask, bind=True, acks_late=True, reject_on_worker_lost=True,
-          autoretry_for=TRANSIENT_ERRORS, retry_backoff=2, retry_backoff_max=60, retry_jitter=True,
-          max_retries=settings.max_retries)
+# A shared task: registered on the worker's app (worker/app.py) without this module importing it.
+@shared_task(name=TASK_NAME, base=ChunkTask, bind=True, acks_late=True, reject_on_worker_lost=True,
+             autoretry_for=TRANSIENT_ERRORS, retry_backoff=2, retry_backoff_max=60, retry_jitter=True,
+             max_retries=context.settings().max_retries)
 def classify_chunk(self, job_id: str, items: list[dict], options: dict | None = None) -> dict:
     try:
         return _classify_chunk(self, job_id, items, options)
@@ -83,7 +83,8 @@ def classify_chunk(self, job_id: str, items: list[dict], options: dict | None = 
 
 
 def _classify_chunk(task, job_id: str, items: list[dict], options: dict | None) -> dict:
-    runner, store = state.load()
+    ctx = context.current()
+    runner, store, settings = ctx.runner, ctx.store, ctx.settings
     if store.is_cancelled(job_id):
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
     request = task.request
@@ -103,7 +104,7 @@ def _classify_chunk(task, job_id: str, items: list[dict], options: dict | None) 
         chunk_options = ChunkOptions.from_dict(options)
     except (InvalidOptions, TypeError) as exc:
         log.error("job %s chunk %s: bad options: %s", job_id, request.id, exc)
-        bad = {i["index"]: error_record(i["path"], f"bad options: {exc}", worker=state.worker_name())
+        bad = {i["index"]: error_record(i["path"], f"bad options: {exc}", worker=context.worker_name())
                for i in usable + unusable}
         store.write_results(job_id, bad, chunk=request.id)
         return {"job_id": job_id, "done": len(bad), "errors": len(bad)}
@@ -111,7 +112,7 @@ def _classify_chunk(task, job_id: str, items: list[dict], options: dict | None) 
     output = runner.run(usable, chunk_options, should_stop=lambda: store.is_cancelled(job_id))
     for item in unusable:
         output.records[item["index"]] = error_record(item["path"], "item has no path (a string)",
-                                                     worker=state.worker_name())
+                                                     worker=ctx.name)
     if output.cancelled:
         return {"job_id": job_id, "done": 0, "errors": 0, "dropped": True}
     done = store.write_results(job_id, output.records, output.tiles, chunk=task.request.id)

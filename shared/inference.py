@@ -1,4 +1,7 @@
-"""The model a worker process holds: loaded once, warmed up, run in batches.
+"""A model loaded for inference exactly as workers serve it: loaded once, warmed up, run in batches.
+
+It lives in ``shared/`` because workers, ``crackq evaluate`` and training (the in-domain fit scores the
+ONNX export as served) all need it; workers pass their metrics in as ``on_batch``.
 
 Two interchangeable backends produce the same two outputs (crack probability
 and the pooled backbone features used by the in-domain check):
@@ -21,56 +24,32 @@ image (latency) or a chunk's last partial batch costs no padded work.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from shared.config import Settings
-from shared.serving import INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256, int8_onnx_path, onnx_path
-from worker import metrics
+from shared.model_card import (INT8_DEFAULT_KEY, INT8_SOURCE_KEY, ModelInfo, file_sha256, int8_onnx_path,
+                               onnx_path)
 
 log = logging.getLogger(__name__)
 
-#: Class folder names that mean "crack" in a model card's ``classes``.
-CRACK_CLASS_NAMES = ("Positive", "positive", "crack", "Crack", "cracked")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a worker needs to know about the model, read from ``model_card.json`` beside it."""
-
-    name: str
-    input_size: int
-    crack_index: int
-    card: dict
-    directory: Path
-
-    @classmethod
-    def from_model_path(cls, model_path: str) -> "ModelInfo":
-        path = Path(model_path)
-        card_path = path.with_name("model_card.json")
-        card = json.loads(card_path.read_text()) if card_path.exists() else {}
-        classes = card.get("classes", ["Negative", "Positive"])
-        positive = card.get("positive_class")
-        crack_index = (classes.index(positive) if positive in classes else
-                       next((i for i, c in enumerate(classes) if c in CRACK_CLASS_NAMES), len(classes) - 1))
-        name = f"{card.get('name', path.stem)}:{card.get('version', '0')}"
-        size = card.get("input", {}).get("size", [card.get("input_size", 160)])[0]
-        return cls(name=name, input_size=int(size), crack_index=crack_index,
-                   card=card, directory=path.parent)
+#: Called after each forward pass with (images in the batch, seconds): workers count them in their metrics.
+BatchObserver = Callable[[int, float], None]
 
 
 class Classifier:
     """Loaded model + batched forward function. Build it with :func:`load_classifier`."""
 
     def __init__(self, info: ModelInfo, batch_size: int, forward, fixed_shape: bool = True,
-                 served: "Served | None" = None):
+                 served: "Served | None" = None, on_batch: BatchObserver | None = None):
         self.info = info
+        self.on_batch = on_batch
         self.served = served or Served("fp32", info.directory, "unknown")
         self.batch_size = batch_size
         self.fixed_shape = fixed_shape
@@ -87,7 +66,8 @@ class Classifier:
                 batch = np.concatenate([batch, pad])
             started = time.perf_counter()
             p, f = self._forward(batch.astype(np.float32, copy=False))
-            metrics.observe_batch(n, time.perf_counter() - started)
+            if self.on_batch is not None:
+                self.on_batch(n, time.perf_counter() - started)
             probs.append(p[:n, self.info.crack_index])
             feats.append(f[:n])
         if not probs:
@@ -99,22 +79,21 @@ class Classifier:
         self.predict(np.zeros((1, size, size, 3), dtype=np.uint8))
 
 
-def load_classifier(settings: Settings) -> Classifier:
+def load_classifier(settings: Settings, on_batch: BatchObserver | None = None) -> Classifier:
+    """The model of ``settings`` loaded and warmed up, exactly as a worker serves it (backend, precision,
+    provider); ``crackq evaluate``, training's in-domain fit and the benchmarks use it too."""
     info = ModelInfo.from_model_path(settings.model)
     if settings.backend == "onnx":
         forward, served = _onnx_forward(settings, info)
-        classifier = Classifier(info, settings.batch_size, forward, fixed_shape=False, served=served)
+        classifier = Classifier(info, settings.batch_size, forward, fixed_shape=False, served=served,
+                                on_batch=on_batch)
     else:
         classifier = Classifier(info, settings.batch_size, _tf_forward(settings, info), fixed_shape=True,
-                                served=Served("fp32", Path(settings.model), "TensorFlow"))
+                                served=Served("fp32", Path(settings.model), "TensorFlow"), on_batch=on_batch)
     classifier.warm_up()
     log.info("loaded model %s (%s backend, batch %d; %s)", info.name, settings.backend, settings.batch_size,
              classifier.served.describe())
     return classifier
-
-
-def onnx_path_for(model_path: str) -> Path:
-    return onnx_path(model_path)
 
 
 # ---- precision and execution provider (issue 15) ---------------------------------------------------
@@ -209,7 +188,7 @@ def _fp16_model(path: Path) -> bytes:
 def _onnx_forward(settings: Settings, info: ModelInfo):
     import onnxruntime as ort
 
-    path = onnx_path_for(settings.model)
+    path = onnx_path(settings.model)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: export it with `crackq export {settings.model}` "
                                 "or use CRACKQ_BACKEND=tf")
