@@ -22,7 +22,7 @@ by ``index``, so a redelivered chunk overwrites) and returns a small summary
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from shared.checks import (MAX_SCALE, MAX_SCALES, MIN_TILE_SIZE, InvalidOptions,  # noqa: F401 - re-exported
                            check_scales, check_threshold, check_tiling, is_int)
@@ -33,21 +33,79 @@ TASK_NAME = "crackq.classify_chunk"
 LABEL_CRACK = "crack"
 LABEL_NO_CRACK = "no_crack"
 
-#: Columns of CSV results, in order.  The first seven are the core record every
-#: result has; the rest are filled where they apply (tiling, GPS, domain check).
-RESULT_COLUMNS = (
-    "path", "label", "crack_probability", "error", "model", "worker", "elapsed_ms",
-    "width", "height", "tiles", "crack_tiles", "crack_fraction", "max_crack_probability",
-    "in_domain", "domain_score",
-    "latitude", "longitude", "altitude", "captured_at",
-    "crs",  # issue 12: a georeferenced raster's CRS (its tiles' polygons are in it)
-)
+#: Field metadata of record fields that travel in JSON (results, JSON lines) but are no CSV column.
+JSON_ONLY = {"column": False}
 
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One image's (or raster window's) result: the schema every result record follows.
+
+    Records travel as plain dicts (JSON through Redis); this class is their one
+    definition: :func:`result_record` refuses a field that is not declared here
+    (a misspelt field is an error, not a silently empty column), and
+    :data:`RESULT_COLUMNS` (the CSV columns, in order) derive from it.  The first
+    seven fields are the core every record has; the others are set where they
+    apply (tiling, GPS, domain check, rasters) and are absent otherwise.
+    """
+
+    path: str
+    label: str = ""
+    crack_probability: float | None = None
+    error: str = ""
+    model: str = ""
+    worker: str = ""
+    elapsed_ms: float = 0.0
+    width: int | None = None
+    height: int | None = None
+    tiles: int | None = None
+    crack_tiles: int | None = None
+    crack_fraction: float | None = None
+    max_crack_probability: float | None = None
+    in_domain: bool | None = None
+    domain_score: float | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    altitude: float | None = None
+    captured_at: str | None = None
+    crs: str | None = None  # issue 12: a georeferenced raster's CRS (its tiles' polygons are in it)
+    # -- JSON only --
+    tiles_scored: int | None = field(default=None, metadata=JSON_ONLY)  # model inputs, when several scales
+    window: list | None = field(default=None, metadata=JSON_ONLY)  # issue 12: a raster window [x, y, w, h]
+    raster: list | None = field(default=None, metadata=JSON_ONLY)  # issue 12: [part, parts] of its raster
+    skipped_tiles: int | None = field(default=None, metadata=JSON_ONLY)  # issue 12: all-nodata tiles
+    windows: int | None = field(default=None, metadata=JSON_ONLY)  # issue 12: a merged raster's windows
+    windows_done: int | None = field(default=None, metadata=JSON_ONLY)
+
+
+@dataclass(frozen=True)
+class TileRecord:
+    """One tile's result (``--per-tile``, and crack tiles of rasters); :data:`TILE_COLUMNS` derive from it."""
+
+    path: str
+    tile: int | str
+    x: int
+    y: int
+    w: int
+    h: int
+    #: The tiling scale the tile was scored at (1: tile_size tiles, 2: half-size tiles, ...).
+    scale: int
+    crack_probability: float
+    label: str
+    in_domain: bool | None
+    domain_score: float | None
+    polygon: list | None = None  # issue 12: the tile's closed ring in the raster's CRS (georeferenced rasters)
+
+
+def _columns(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.metadata.get("column", True))
+
+
+#: Columns of CSV results, in order.
+RESULT_COLUMNS = _columns(ResultRecord)
 #: Fields of one per-tile record (``--per-tile``).
-#: ``scale`` is the tiling scale the tile was scored at (1: tile_size tiles, 2: half-size tiles, ...).
-TILE_COLUMNS = ("path", "tile", "x", "y", "w", "h", "scale", "crack_probability", "label", "in_domain",
-                "domain_score",
-                "polygon")  # issue 12: the tile's closed ring in the raster's CRS (georeferenced rasters)
+TILE_COLUMNS = _columns(TileRecord)
+_RESULT_FIELDS = frozenset(f.name for f in fields(ResultRecord))
 
 
 @dataclass(frozen=True)
@@ -138,7 +196,14 @@ def make_items(paths: list[str], start: int = 0) -> list[dict]:
 
 def result_record(path: str, *, label: str = "", crack_probability: float | None = None, error: str = "",
                   model: str = "", worker: str = "", elapsed_ms: float = 0.0, **extra) -> dict:
-    """One image's result.  ``error`` is empty when the image was classified."""
+    """One image's result as a :class:`ResultRecord` dict; ``error`` is empty when the image was classified.
+
+    Only the fields given (plus the core seven) are in the dict; a field that
+    :class:`ResultRecord` does not declare raises ``TypeError``.
+    """
+    unknown = sorted(set(extra) - _RESULT_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown result field(s) {', '.join(unknown)}: declare them in ResultRecord")
     record = {
         "path": path,
         "label": label,
@@ -149,6 +214,14 @@ def result_record(path: str, *, label: str = "", crack_probability: float | None
         "elapsed_ms": round(float(elapsed_ms), 2),
     }
     record.update(extra)
+    return finite(record)
+
+
+def tile_record(**values) -> dict:
+    """One tile's result as a :class:`TileRecord` dict (a missing or unknown field raises ``TypeError``)."""
+    record = asdict(TileRecord(**values))
+    if record["polygon"] is None:  # only tiles of georeferenced rasters have one
+        del record["polygon"]
     return finite(record)
 
 

@@ -138,3 +138,22 @@ def test_crackq_run_reads_only_the_folders_of_the_images_it_was_given(tmp_path):
     link.symlink_to(target)
     roots = data_roots_for([str(tmp_path / "survey" / "a.jpg"), str(link)])
     assert roots == sorted([str(tmp_path / "elsewhere"), str(tmp_path / "survey")])
+
+
+def test_records_are_typed():
+    """Result and tile records follow their dataclasses: a misspelt field is an error, not a lost column."""
+    import pytest
+
+    from shared.contract import RESULT_COLUMNS, TILE_COLUMNS, ResultRecord, TileRecord, result_record, tile_record
+
+    assert RESULT_COLUMNS[:7] == ("path", "label", "crack_probability", "error", "model", "worker", "elapsed_ms")
+    assert "tiles_scored" not in RESULT_COLUMNS and "tiles_scored" in ResultRecord.__dataclass_fields__
+    assert TILE_COLUMNS == tuple(TileRecord.__dataclass_fields__)
+    assert result_record("a.jpg", tiles=3)["tiles"] == 3
+    with pytest.raises(TypeError, match="crack_tile"):
+        result_record("a.jpg", crack_tile=1)
+    tile = tile_record(path="a.jpg", tile=0, x=0, y=0, w=1, h=1, scale=1, crack_probability=0.5, label="crack",
+                       in_domain=None, domain_score=None)
+    assert "polygon" not in tile and set(tile) < set(TILE_COLUMNS)
+    with pytest.raises(TypeError):
+        tile_record(path="a.jpg", tile=0)

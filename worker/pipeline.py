@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from shared.config import Settings
-from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record
+from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record, tile_record
 from shared.exif import photo_metadata
 from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, multiscale_grid, needs_tiling,
                                   open_checked, oriented_size, prepare_image, region_probabilities)
@@ -256,11 +256,10 @@ class ChunkRunner:
             return record, None
         tile_scales = prep_scales if prep_scales is not None else np.ones(len(probs), np.int64)
         tiles = [
-            {"path": d.item["path"], "tile": i, **box.as_dict(), "scale": int(sc),
-             "crack_probability": round(float(p), 6),
-             "label": label_for(float(p), options.threshold),
-             "in_domain": None if fam is None else bool(fam),
-             "domain_score": None if np.isnan(s) else round(float(s), 4)}
+            tile_record(path=d.item["path"], tile=i, **box.as_dict(), scale=int(sc),
+                        crack_probability=round(float(p), 6), label=label_for(float(p), options.threshold),
+                        in_domain=None if fam is None else bool(fam),
+                        domain_score=None if np.isnan(s) else round(float(s), 4))
             for i, (box, sc, p, s, fam) in enumerate(zip(prep.boxes, tile_scales, probs, scores, familiar))
         ]
         if windowed:  # issue 12: raster tile ids, polygons in map coordinates, window fields
