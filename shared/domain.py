@@ -160,8 +160,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def _card_fingerprint(model_dir: Path) -> str | None:
-    card = model_dir / "model_card.json"
+    from shared.model_card import read_card
+
     try:
-        return json.loads(card.read_text())["backbone"]["weights_fingerprint"]
+        return read_card(model_dir)["backbone"]["weights_fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -47,7 +47,6 @@ RECOVERY_LOCK = "crackq:recovery:lock"
 DEAD_LETTERS = "crackq:dead_letters"
 #: Dead letters kept (older ones are dropped): enough to diagnose, bounded memory.
 DEAD_LETTERS_KEPT = 1000
-STATES = ("submitting", "queued", "running", "done", "cancelled", "failed")
 FINISHED_STATES = ("done", "cancelled", "failed")
 
 #: Returned by :meth:`JobStore.write_results` when the job is gone or cancelled.
@@ -201,9 +200,6 @@ class JobStore:
         if not status.finished:
             self.client.hset(key, mapping={"state": "cancelled", "updated_at": time.time()})
         return self.status(job_id)
-
-    def exists(self, job_id: str) -> bool:
-        return bool(self.client.exists(_keys(job_id)[0]))
 
     def status(self, job_id: str) -> JobStatus:
         key, results, errors, _tiles, failed_chunks = _keys(job_id)

@@ -190,7 +190,7 @@ def evaluate(model, data_dir, split, split_file, batch_size, as_json):
 def export(model, out, int8, data_dir, split_file, calibration_method, uav_dir):
     """Export MODEL (.keras) to ONNX (outputs probabilities and features) and verify it against Keras;
     with --int8, also make and gate the INT8 model."""
-    from shared.serving import onnx_path
+    from shared.model_card import onnx_path
 
     if out and int8 and Path(out) != onnx_path(model):
         raise click.UsageError("--int8 writes beside MODEL: leave out --out")

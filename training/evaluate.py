@@ -7,13 +7,12 @@ plain numpy arrays so tests can check them against hand-computed examples;
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 
+from shared.model_card import read_card
 from training.data import Split, iter_batches, labels_of, list_labelled, warn_skipped
 
 log = logging.getLogger(__name__)
@@ -96,10 +95,8 @@ def predict_files(model, root: str, files, batch_size: int, progress=None):
 
 def model_classes(model_path: str | os.PathLike) -> tuple[str, ...] | None:
     """Class names recorded in the model card beside the model, if there is one."""
-    card = Path(model_path).with_name("model_card.json")
-    if card.exists():
-        return tuple(json.loads(card.read_text(encoding="utf-8"))["classes"])
-    return None
+    card = read_card(model_path)
+    return tuple(card["classes"]) if "classes" in card else None
 
 
 def select_files(data_dir: str, split: str | None = None, split_file: str | None = None):

@@ -86,6 +86,14 @@ def load_photo_split(path) -> dict[str, list[str]]:
     return split
 
 
+def _photos(pairs: dict[str, tuple[str, str]], stems):
+    """``(stem, photo, mask)`` of each stem: the photo decoded as workers decode it, its mask at its size."""
+    for stem in stems:
+        image_path, mask_path = pairs[stem]
+        img = load_rgb(image_path)
+        yield stem, img, load_mask(mask_path, img.size)
+
+
 def grid_tiles(pairs: dict[str, tuple[str, str]], stems, sizes=GRID_SIZES, name: str = "uav",
                max_negatives_per_photo: int | None = None, seed: int = 0,
                min_crack_fraction: float = DEFAULT_MIN_CRACK_FRACTION,
@@ -93,10 +101,7 @@ def grid_tiles(pairs: dict[str, tuple[str, str]], stems, sizes=GRID_SIZES, name:
     """Labelled, non-ambiguous grid tiles of ``stems`` at each size, preprocessed exactly as workers do."""
     rng = np.random.default_rng(seed)
     images, labels, groups, tile_sizes = [], [], [], []
-    for stem in stems:
-        image_path, mask_path = pairs[stem]
-        img = load_rgb(image_path)
-        mask = load_mask(mask_path, img.size)
+    for stem, img, mask in _photos(pairs, stems):
         for size in sizes:
             tiles = [t for t in mask_tiles(mask, size, None, min_crack_fraction, border_fraction)
                      if t.label is not None]
@@ -128,10 +133,7 @@ def random_crops(pairs: dict[str, tuple[str, str]], stems, per_photo: int, cfg: 
     """
     rng = np.random.default_rng(seed)
     images, labels, groups, tile_sizes = [], [], [], []
-    for stem in stems:
-        image_path, mask_path = pairs[stem]
-        img = load_rgb(image_path)
-        mask = load_mask(mask_path, img.size)
+    for stem, img, mask in _photos(pairs, stems):
         w, h = img.size
         want = {1: per_photo // 2, 0: per_photo - per_photo // 2}
         for _ in range(per_photo * 6):
