@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shared.config import default
+from shared.exif import photo_metadata
 
 #: Side of the square model input (the recipe's 160×160).
 INPUT_SIZE = 160
@@ -236,16 +237,55 @@ def tile_count(width: int, height: int, tile: int, overlap: int = 0) -> int:
     return along(width) * along(height)
 
 
+@dataclass
+class Header:
+    """What a file's header says, read once (:func:`read_header`) and passed on to the decode.
+
+    ``image`` is the file opened by Pillow, not decoded yet; ``width``/``height``
+    are after EXIF orientation; ``meta`` is the photo's GPS position and capture
+    time (:func:`shared.exif.photo_metadata`).  Size checks, tile count, pixel
+    decode and EXIF all read this one opening.
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+
+    @functools.cached_property
+    def meta(self) -> dict:
+        return photo_metadata(self.image)
+
+    def close(self) -> None:
+        self.image.close()
+
+
+def read_header(path: Source, max_pixels: int = default("max_pixels"),
+                max_file_bytes: int = default("max_file_bytes")) -> Header:
+    """The file checked (size, pixels, decode memory) and its header read, nothing decoded."""
+    check_file(path, max_file_bytes)
+    img = open_image(path, max_pixels)
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+        orientation = 1
+    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return Header(img, width, height)
+
+
 def load_rgb(path: Source, *, max_pixels: int = default("max_pixels"), max_file_bytes: int = default("max_file_bytes"),
-             draft_scale: float = 1.0) -> Image.Image:
-    """Decode ``path`` to an EXIF-oriented 8-bit RGB image.
+             draft_scale: float = 1.0, header: Header | None = None) -> Image.Image:
+    """Decode ``path`` to an EXIF-oriented 8-bit RGB image (from ``header`` when its header was read).
 
     ``draft_scale`` < 1 lets JPEG decoding skip detail that a later downscale
     would throw away (Pillow's ``draft``: 1/2, 1/4 or 1/8 at decode time);
     the returned image is then smaller than the file's pixel size.
     """
-    check_file(path, max_file_bytes)
-    img = open_image(path, max_pixels)
+    if header is None:
+        check_file(path, max_file_bytes)
+        img = open_image(path, max_pixels)
+    else:
+        img = header.image
     try:
         if draft_scale < 0.5 and img.format == "JPEG":
             w, h = img.size
@@ -344,16 +384,9 @@ def tiles_to_inputs(img: Image.Image, boxes: list[Box], original_size: tuple[int
 
 def oriented_size(path: Source, max_pixels: int) -> tuple[int, int]:
     """Pixel size after EXIF orientation, read from the header only."""
-    img = open_image(path, max_pixels)
-    try:
-        w, h = img.size
-        try:
-            orientation = img.getexif().get(0x0112, 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
-            orientation = 1
-        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    finally:
-        img.close()
+    header = read_header(path, max_pixels, max_file_bytes=2**63)
+    header.close()
+    return header.width, header.height
 
 
 def _short(exc: BaseException) -> str:
@@ -422,7 +455,8 @@ def region_probabilities(boxes: list[Box], scales: np.ndarray, probs: np.ndarray
 
 def prepare_image(path: Source, *, size: int = INPUT_SIZE, tile: int = default("tile_size"), overlap: int = 0,
                   max_pixels: int = default("max_pixels"), max_file_bytes: int = default("max_file_bytes"),
-                  max_tiles: int = default("max_tiles"), scales: tuple[int, ...] = default("scales")) -> PreparedImage:
+                  max_tiles: int = default("max_tiles"), scales: tuple[int, ...] = default("scales"),
+                  header: Header | None = None) -> PreparedImage:
     """Decode ``path`` (or a file from :func:`open_checked`) into model inputs: whole if it fits in a
     tile, else as a grid of tiles per scale.
 
@@ -430,16 +464,17 @@ def prepare_image(path: Source, *, size: int = INPUT_SIZE, tile: int = default("
     half is decoded at reduced size (``draft``, sized for the finest scale),
     which keeps big photos cheap, and so that a photo whose decoding or tiles
     would exceed the memory budget is refused before anything is decoded.
+    ``header`` is the file's :func:`read_header` when the caller read it already (it is not read twice).
     """
-    check_file(path, max_file_bytes)
-    width, height = oriented_size(path, max_pixels)
+    header = header or read_header(path, max_pixels, max_file_bytes)
+    width, height = header.width, header.height
     tiled = needs_tiling(width, height, tile)
     finest = max(scales) if tiled else 1
     if tiled:  # the finest scale has the most tiles and the largest upscaling: the budget's worst case
         check_tiling_budget(width, height, scale_tile(tile, finest), overlap // finest, size=size,
                             max_pixels=max_pixels, max_tiles=max_tiles)
     scale = size / scale_tile(tile, finest) if tiled else max(size / width, size / height)
-    img = load_rgb(path, max_pixels=max_pixels, max_file_bytes=max_file_bytes, draft_scale=scale)
+    img = load_rgb(path, draft_scale=scale, header=header)
     if not tiled:
         return PreparedImage(resize_to_input(img, size)[None], None, width, height)
     boxes, per_box = multiscale_grid(width, height, tile, overlap, scales)

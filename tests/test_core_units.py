@@ -157,3 +157,26 @@ def test_records_are_typed():
     assert "polygon" not in tile and set(tile) < set(TILE_COLUMNS)
     with pytest.raises(TypeError):
         tile_record(path="a.jpg", tile=0)
+
+
+def test_a_photo_is_opened_once(tmp_path, monkeypatch):
+    """Header, tile count, pixels and EXIF come from one opening of the file (issue 14)."""
+    import numpy as np
+    from PIL import Image
+
+    from shared import preprocessing
+
+    path = tmp_path / "big.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the oriented size swaps width and height
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(
+        path, exif=exif.tobytes())
+    opens = []
+    real_open = Image.open
+    monkeypatch.setattr(preprocessing.Image, "open", lambda *a, **k: opens.append(1) or real_open(*a, **k))
+    with open(path, "rb") as fh:
+        header = preprocessing.read_header(fh)
+        prepared = preprocessing.prepare_image(fh, tile=227, header=header)
+        assert header.meta == {}
+    assert (header.width, header.height) == (300, 500) and len(prepared.inputs) == 6
+    assert len(opens) == 1

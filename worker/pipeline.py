@@ -22,13 +22,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from PIL import Image
-
 from shared.config import Settings
 from shared.contract import ChunkOptions, error_record, label_for, resolve_threshold, result_record, tile_record
-from shared.exif import photo_metadata
-from shared.preprocessing import (OUTSIDE_ROOTS, ImageError, PreparedImage, multiscale_grid, needs_tiling,
-                                  open_checked, oriented_size, prepare_image, region_probabilities)
+from shared.preprocessing import (OUTSIDE_ROOTS, Header, ImageError, PreparedImage, multiscale_grid, needs_tiling,
+                                  open_checked, prepare_image, read_header, region_probabilities)
 # ---- object storage and rasters read by windows (issue 12): shared/storage.py, shared/raster.py
 from shared import raster, storage
 # ---- end issue 12
@@ -46,6 +43,8 @@ class _Opened:
     item: dict
     handle: object = None
     error: str = ""
+    #: The file's header when it was read to count its tiles; the decode goes on from it.
+    header: Header | None = None
 
 
 @dataclass
@@ -166,9 +165,10 @@ class ChunkRunner:
         try:
             if os.fstat(opened.handle.fileno()).st_size <= SMALL_FILE:
                 return 1
-            width, height = oriented_size(opened.handle, self.settings.max_pixels)
+            opened.header = read_header(opened.handle, self.settings.max_pixels, self.settings.max_file_bytes)
         except Exception:  # noqa: BLE001 - the decode reports what is wrong with the file
             return 1
+        width, height = opened.header.width, opened.header.height
         if not needs_tiling(width, height, options.tile_size):
             return 1
         tiles = len(multiscale_grid(width, height, options.tile_size, options.tile_overlap, options.scales)[0])
@@ -189,12 +189,14 @@ class ChunkRunner:
             else:
                 if handle is None:  # issue 12: an s3:// object, fetched whole in this decode thread
                     handle = storage.source(opened.item["path"], self.settings.max_file_bytes)
+                header = opened.header = opened.header or read_header(
+                    handle, self.settings.max_pixels, self.settings.max_file_bytes)
                 decoded.prepared = prepare_image(
                     handle, size=self.classifier.info.input_size, tile=options.tile_size,
                     overlap=options.tile_overlap, max_pixels=self.settings.max_pixels,
                     max_file_bytes=self.settings.max_file_bytes, max_tiles=self.settings.max_tiles,
-                    scales=options.scales)
-                decoded.meta = _metadata(handle)
+                    scales=options.scales, header=header)
+                decoded.meta = _metadata(header)
         except ImageError as exc:
             decoded.error = str(exc)
         except MemoryError:
@@ -202,6 +204,8 @@ class ChunkRunner:
         except Exception as exc:  # noqa: BLE001 - a bad file must not take the chunk down
             decoded.error = f"cannot decode image: {type(exc).__name__}: {str(exc)[:120]}"
         finally:
+            if opened.header is not None:
+                opened.header.close()
             if handle is not None:
                 handle.close()
         decoded.decode_ms = (time.perf_counter() - start) * 1000
@@ -305,10 +309,8 @@ def _domain_fields(scores: np.ndarray, familiar: np.ndarray) -> dict:
     return {"in_domain": share >= 0.5, "domain_score": round(float(np.median(scores)), 4)}
 
 
-def _metadata(handle) -> dict:
+def _metadata(header) -> dict:
     try:
-        handle.seek(0)
-        with Image.open(handle) as img:  # (a file given to Pillow is not closed by the with)
-            return photo_metadata(img)
+        return header.meta
     except Exception:  # noqa: BLE001 - metadata is optional
         return {}
