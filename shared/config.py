@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from shared.checks import check_tiling
+from shared.model_card import MODEL_FILE
 
 ENV_PREFIX = "CRACKQ_"
 #: Values of the ``precision`` setting; "" = chosen by device (``shared.inference.resolve_precision``).
@@ -23,7 +24,7 @@ PRECISIONS = ("", "int8", "fp32", "fp16")
 #: The repository root when installed in editable mode (the default set-up).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 #: The model that ships with the project (trained by ``crackq train``).
-DEFAULT_MODEL = PROJECT_ROOT / "models" / "crackq_mobilenetv2.keras"
+DEFAULT_MODEL = PROJECT_ROOT / "models" / MODEL_FILE
 
 
 def _split_roots(value: str) -> tuple[str, ...]:

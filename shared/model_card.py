@@ -19,8 +19,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.preprocessing import INPUT_SIZE
-
 MODEL_FILE = "crackq_mobilenetv2.keras"
 ONNX_FILE = "crackq_mobilenetv2.onnx"
 CARD_FILE = "model_card.json"
@@ -34,6 +32,8 @@ INT8_SOURCE_KEY = "crackq.fp32_onnx_sha256"
 #: the condition for CPU workers to serve it by default.
 INT8_DEFAULT_KEY = "crackq.cpu_default"
 
+#: Side of the square model input (the recipe's 160×160); a card's ``input.size`` overrides it.
+INPUT_SIZE = 160
 #: Class folder names that mean "crack" in a card's ``classes`` (when it names no ``positive_class``).
 CRACK_CLASS_NAMES = ("Positive", "positive", "crack", "Crack", "cracked")
 

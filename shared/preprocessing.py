@@ -23,9 +23,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from shared.config import default
 from shared.exif import photo_metadata
+from shared.model_card import INPUT_SIZE  # noqa: F401 - the model's input side, used and re-exported here
 
-#: Side of the square model input (the recipe's 160×160).
-INPUT_SIZE = 160
 #: Resize filter for every resize in training and serving (Pillow's antialiased bilinear).
 RESAMPLE = Image.Resampling.BILINEAR
 #: File extensions the producer treats as images.
