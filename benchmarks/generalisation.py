@@ -33,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from benchmarks.common import REPO
 
 
 def metrics(labels, probs, in_domain) -> dict:

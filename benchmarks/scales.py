@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-REPO = Path(__file__).resolve().parents[1]
-UAV = REPO.parent / "shared" / "data" / "uav-concrete"
+from benchmarks.common import REPO, UAV
 
 
 def region_rules(boxes, scales, probs) -> dict[str, np.ndarray]:
