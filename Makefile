@@ -39,11 +39,13 @@ test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 ## make bench: throughput comparison measured in one run (long; not part of the tests).
+## Every benchmark runs from the repository root as `python -m benchmarks.NAME`.
 bench: venv
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python -m benchmarks.throughput
 
+## make soak: >= 20,000 images through the embedded service, memory and Redis watched (long).
 soak: venv
-	$(BIN)/python benchmarks/soak.py
+	$(BIN)/python -m benchmarks.soak
 
 ## make bench-generalisation: the shipped model and `crackq run` on labelled folders it never trained on:
 ## tiles (from masks) of the held-out uav-concrete TEST photos at 224 and 112 px, plus the Özgenel test split;

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from bench_setup import WorkerConfig
+from benchmarks.bench_setup import WorkerConfig, tree_cpu_seconds
 
 
 class NaiveLoop:
@@ -44,7 +44,7 @@ def _serve(conn, config: WorkerConfig, data_roots: list[str]) -> None:
     from shared.contract import ChunkOptions
     from shared.domain import DomainScorer
     from shared.preprocessing import prepare_image
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
     from worker.pipeline import ChunkRunner
 
     settings = config.settings(data_roots)
@@ -117,16 +117,7 @@ class CeilingPool:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the ceiling processes."""
-        import psutil
-
-        total = 0.0
-        for proc in self.procs:
-            try:
-                t = psutil.Process(proc.pid).cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-        return total
+        return tree_cpu_seconds([proc.pid for proc in self.procs])
 
     def close(self) -> None:
         for conn in self.conns:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from bench_setup import WorkerConfig
+from benchmarks.bench_setup import WorkerConfig, tree_cpu_seconds, tree_processes
 from producer.api import Client
 from producer.embedded import local_workers, private_redis, stop_group, worker_command
 from shared.config import Settings
@@ -54,14 +54,7 @@ class RssSampler:
             self.sample()
 
     def processes(self) -> list[psutil.Process]:
-        procs = []
-        for pid in self.root_pids:
-            try:
-                root = psutil.Process(pid)
-                procs += [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-        return procs
+        return tree_processes(self.root_pids)
 
     def sample(self) -> None:
         for proc in self.processes():
@@ -72,14 +65,7 @@ class RssSampler:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the process trees (main + pool processes)."""
-        total = 0.0
-        for proc in self.processes():
-            try:
-                t = proc.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-        return total
+        return tree_cpu_seconds(self.root_pids)
 
     def stop(self) -> dict:
         """Peaks of the main processes and of the pool processes still alive (replaced ones left out)."""

@@ -1,6 +1,7 @@
-"""What every throughput measurement shares: the image sample, the worker settings, the machine.
+"""What every throughput measurement shares: the image sample, the worker settings, the machine, and the
+CPU time of process trees.
 
-All four measurements of ``benchmarks/throughput.py`` run on the *same*
+All four measurements of ``benchmarks.throughput`` run on the *same*
 images with the *same* per-process settings, so their ratios compare code
 paths, not inputs or configurations.
 """
@@ -13,12 +14,12 @@ import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
+from benchmarks.common import CONCRETE
 from producer.discover import discover
 from shared.config import ENV_PREFIX, Settings
 
 #: The labelled data set beside the repository (never copied into it).
-DEFAULT_FOLDER = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
-                                              "shared", "data", "concrete"))
+DEFAULT_FOLDER = str(CONCRETE)
 
 
 def sample_images(folder: str, n: int, seed: int = 0) -> list[str]:
@@ -65,9 +66,8 @@ class WorkerConfig:
         if threads is None:
             threads = settings.threads
         if not threads:
-            _, env = plan(settings.replace(threads=0), processes, 0)
-            threads = int(env.get(ENV_PREFIX + "THREADS", "1"))
-        from worker.inference import resolve_precision
+            threads = plan(settings.replace(threads=0), processes, 0)[1].threads or 1
+        from shared.inference import resolve_precision
 
         precision = resolve_precision(settings)[0] if settings.backend == "onnx" else "fp32"
         return cls(processes=processes, threads=threads, batch_size=settings.batch_size,
@@ -107,6 +107,34 @@ def machine() -> dict:
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "versions": _versions()}
+
+
+def tree_processes(root_pids: list[int]) -> list:
+    """The living processes (``psutil.Process``) of the trees rooted at ``root_pids``, roots first."""
+    import psutil
+
+    procs = []
+    for pid in root_pids:
+        try:
+            root = psutil.Process(pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+    return procs
+
+
+def tree_cpu_seconds(root_pids: list[int]) -> float:
+    """User + system CPU time used so far by the living processes of the trees rooted at ``root_pids``."""
+    import psutil
+
+    total = 0.0
+    for proc in tree_processes(root_pids):
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
 
 
 def load_average() -> list[float]:

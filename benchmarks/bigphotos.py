@@ -1,6 +1,6 @@
 """Throughput on drone-size photos: 4000×3000 JPEGs through `crackq run`, in megapixels/s and tiles/s.
 
-    .venv/bin/python benchmarks/bigphotos.py [--photos 12] [--repeats 2]
+    .venv/bin/python -m benchmarks.bigphotos [--photos 12] [--repeats 2]
 
 The photos are generated from real concrete patches (test split of the shipped
 model): 18×14 patches laid edge to edge and cropped to 4000×3000, saved as
@@ -32,12 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import CONCRETE, REPO
+from benchmarks.common.imagery import PATCH, gps_exif, held_out_patches
+from shared.preprocessing import prepare_image, tile_grid
 
-from shared.preprocessing import prepare_image, tile_grid  # noqa: E402
-from tests.imagery import PATCH, gps_exif, held_out_patches  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 4000, 3000
 CONFIGS = {  # name -> extra `crackq run` arguments
     "1 worker process": ["--workers", "1"],
@@ -98,7 +96,7 @@ def run_once(folder: Path, extra: list[str], out: Path) -> dict:
 
 def in_process(photos: list[Path]) -> dict:
     from shared.config import Settings
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     classifier = load_classifier(Settings.load())
     decode, infer = [], []
@@ -118,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "concrete"))
+    ap.add_argument("--data", default=str(CONCRETE))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "bigphotos.json"))
     args = ap.parse_args()
 

@@ -45,8 +45,6 @@ os.environ.setdefault("VIPS_CONCURRENCY", "1")  # one thread, like one decode th
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from shared.preprocessing import RESAMPLE, check_file, load_rgb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +151,7 @@ def measure(paths: list[str], target, repeats: int) -> dict:
 
 
 def patch_paths(concrete: Path, n: int) -> list[str]:
-    from tests.imagery import held_out_patches
+    from benchmarks.common.imagery import held_out_patches
 
     held = held_out_patches(concrete)
     per = n // 2
@@ -180,7 +178,7 @@ def main(argv=None) -> dict:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     patches = measure(patch_paths(Path(args.data), args.patches), PATCH_TARGET, args.repeats)
     print(table(f"227 px patches -> {PATCH_TARGET[0]} px model input ({args.patches} real patches)", patches))
-    from benchmarks.bigphotos import make_photos  # noqa: E402 - needs the repository root on sys.path
+    from benchmarks.bigphotos import make_photos
 
     with tempfile.TemporaryDirectory(prefix="crackq-decode-") as tmp:
         photos, _ = make_photos(Path(tmp), args.photos, Path(args.data))

@@ -12,7 +12,7 @@ VALIDATION split (about 1 % false alarms), so the columns are comparable:
 * ``shipped+conf``: the shipped check plus the prediction's uncertainty as a
   fourth z-scored term (tested, not shipped: see the table).
 
-The unfamiliar sets are generated (tests/imagery.py) from TEST-split patches
+The unfamiliar sets are generated (benchmarks/common/imagery.py) from TEST-split patches
 (concrete at other scales, blurred, recoloured, inverted, grooved, worn to the
 aggregate) and from code (asphalt, brick, wood, foliage, sky, noise).  The
 table also gives the model's share of "crack" answers and its accuracy where a
@@ -31,16 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import CONCRETE, REPO
+from benchmarks.common.imagery import UNFAMILIAR, unfamiliar_images
+from shared.domain import DomainScorer
+from shared.preprocessing import resize_to_input
+from shared.serving import POOLED_DIM
+from training.data import Split
+from training.domain_fit import TRAIN_SAMPLE, balanced_sample, features_of, onnx_classifier
 
-from shared.domain import DomainScorer  # noqa: E402
-from shared.preprocessing import resize_to_input  # noqa: E402
-from shared.serving import POOLED_DIM  # noqa: E402
-from tests.imagery import UNFAMILIAR, unfamiliar_images  # noqa: E402
-from training.data import Split  # noqa: E402
-from training.domain_fit import TRAIN_SAMPLE, balanced_sample, features_of, onnx_classifier  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 QUANTILE = 0.99
 
 
@@ -77,7 +75,7 @@ def uncertainty(probs: np.ndarray) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "models" / "crackq_mobilenetv2.keras"))
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "concrete"))
+    ap.add_argument("--data", default=str(CONCRETE))
     ap.add_argument("--per-set", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "domain.json"))

@@ -33,10 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+from benchmarks.common import REPO
 
 
 def metrics(labels, probs, in_domain) -> dict:
@@ -73,7 +70,7 @@ def score_in_process(model: str, files: list[tuple[str, int]]) -> dict:
     """The worker's pipeline (decode, tiling, model, in-domain check) without the queue."""
     from shared.config import Settings
     from shared.contract import ChunkOptions
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
     from worker.pipeline import ChunkRunner
     from shared.domain import DomainScorer
 

@@ -111,7 +111,7 @@ for p in $PRECISIONS; do
 import time
 import numpy as np
 from shared.config import Settings
-from worker.inference import load_classifier
+from shared.inference import load_classifier
 s = Settings.load()
 c = load_classifier(s)
 x = np.random.default_rng(0).integers(0, 256, (4 * s.batch_size, c.info.input_size, c.info.input_size, 3), np.uint8)

@@ -22,18 +22,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from shared.domain import DomainScorer  # noqa: E402
 from shared.preprocessing import resize_to_input  # noqa: E402
 from shared.serving import int8_onnx_path, onnx_path  # noqa: E402
-from tests.imagery import UNFAMILIAR, unfamiliar_images  # noqa: E402
+from benchmarks.common.imagery import UNFAMILIAR, unfamiliar_images  # noqa: E402
 from training import quantize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def speed(model: str, inputs: np.ndarray, rounds: int = 5) -> dict:
     from shared.config import Settings
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
 
     out = {}
     for batch in (32, 8):

@@ -3,8 +3,8 @@
     python -m benchmarks.label_screenshots [--photos ../shared/data/uav-concrete/images] [--n 8]
 
 Starts `crackq label` on a few drone photos in a temporary folder, drives Debian's headless Chromium
-through Selenium as tests/test_label.py does, and saves the page: the first tile, the page after two
-labels, and the end-of-run page.  The labels written go to a temporary folder and are thrown away.
+through Selenium as tests/test_label.py does (both with :mod:`benchmarks.common.browser`), and saves
+the page: the first tile, the page after two labels, and the end-of-run page.  The labels written go to a temporary folder and are thrown away.
 """
 
 from __future__ import annotations
@@ -15,22 +15,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO, UAV
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--photos", default=str(REPO.parent / "shared" / "data" / "uav-concrete" / "images"))
+    ap.add_argument("--photos", default=str(UAV / "images"))
     ap.add_argument("--n", type=int, default=8, help="Photos to label from.")
     ap.add_argument("--out", default=str(REPO / "docs" / "img"))
     args = ap.parse_args(argv)
 
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
 
-    from tests.service import wait_until
-    from tests.test_label import CHROME_FLAGS, LabelServer
+    from benchmarks.common.browser import LabelServer, headless_chromium
+    from benchmarks.common.service import wait_until
 
     work = Path(tempfile.mkdtemp(prefix="crackq-label-shots-"))
     photos = work / "survey"
@@ -39,12 +37,8 @@ def main(argv=None) -> int:
         shutil.copy(p, photos / p.name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in (*CHROME_FLAGS, f"--user-data-dir={work / 'profile'}", "--window-size=1240,760"):
-        options.add_argument(flag)
     server = LabelServer([str(photos), "--out", str(work / "labels"), "--budget", "3"], work / "label.log", {})
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    driver = headless_chromium(work / "profile", "1240,760")
     try:
         driver.get(server.url)
         wait_until(lambda: driver.execute_script("return document.body.dataset.tile"), 30, 0.1, "a tile")

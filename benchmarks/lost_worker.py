@@ -23,21 +23,17 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from producer.api import Client  # noqa: E402
-from producer.embedded import local_workers, private_redis  # noqa: E402
-from shared.config import Settings  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "concrete"
+from benchmarks.common import CONCRETE
+from producer.api import Client
+from producer.embedded import local_workers, private_redis
+from shared.config import Settings
 
 
 def patches(count: int) -> list[str]:
     per_class = (count + 1) // 2
-    folders = [sorted(os.listdir(SHARED / name))[:per_class] for name in ("Positive", "Negative")]
-    mixed = [str(SHARED / name / f) for pair in zip(*folders) for name, f in zip(("Positive", "Negative"), pair)]
+    folders = [sorted(os.listdir(CONCRETE / name))[:per_class] for name in ("Positive", "Negative")]
+    mixed = [str(CONCRETE / name / f) for pair in zip(*folders) for name, f in zip(("Positive", "Negative"), pair)]
     return mixed[:count]
 
 
@@ -51,8 +47,8 @@ def main(argv=None) -> int:
     env = {"CRACKQ_LEASE_SECONDS": str(args.lease), "CRACKQ_THREADS": "1"}
     logs = tempfile.mkdtemp(prefix="crackq-lost-worker-")
     with private_redis() as url:
-        with local_workers(url, 1, [str(SHARED)], env=env, log_path=f"{logs}/victim.log") as victim, \
-                local_workers(url, 1, [str(SHARED)], env=env, log_path=f"{logs}/survivor.log"):
+        with local_workers(url, 1, [str(CONCRETE)], env=env, log_path=f"{logs}/victim.log") as victim, \
+                local_workers(url, 1, [str(CONCRETE)], env=env, log_path=f"{logs}/survivor.log"):
             # The client's own recovery waits 10 leases: the recovery measured is the surviving worker's.
             client = Client(Settings.load(redis_url=url, chunk_size=16, lease_seconds=10 * args.lease))
             start = time.monotonic()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -28,15 +27,11 @@ import numpy as np
 import psutil
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from producer.api import Client  # noqa: E402
-from producer.embedded import local_workers, private_redis  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from tests.imagery import PATCH, held_out_patches  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-CONCRETE = REPO.parent / "shared" / "data" / "concrete"
+from benchmarks.common import CONCRETE
+from benchmarks.common.imagery import PATCH, held_out_patches
+from producer.api import Client
+from producer.embedded import local_workers, private_redis
+from shared.config import Settings
 
 
 def write_orthomosaic(path: Path, size: int, seed: int = 0) -> None:

@@ -16,25 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from producer.api import Client  # noqa: E402
-from producer.discover import discover  # noqa: E402
-from producer.embedded import local_workers, private_redis  # noqa: E402
-from shared import storage  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from tests.imagery import held_out_patches  # noqa: E402
-from tests.s3server import BUCKET, SeaweedS3  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-CONCRETE = REPO.parent / "shared" / "data" / "concrete"
+from benchmarks.bench_setup import tree_cpu_seconds
+from benchmarks.common import CONCRETE
+from benchmarks.common.imagery import held_out_patches
+from benchmarks.common.s3server import BUCKET, SeaweedS3
+from producer.api import Client
+from producer.discover import discover
+from producer.embedded import local_workers, private_redis
+from shared import storage
+from shared.config import Settings
 
 
 def choose(n: int) -> list[Path]:
@@ -45,17 +39,7 @@ def choose(n: int) -> list[Path]:
 
 def cpu_seconds(pid: int | None) -> float:
     """CPU time (user + system) of a process and all its children, living ones."""
-    if pid is None:
-        return 0.0
-    total = 0.0
-    root = psutil.Process(pid)
-    for proc in [root] + root.children(recursive=True):
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+    return 0.0 if pid is None else tree_cpu_seconds([pid])
 
 
 def run_job(client: Client, args: list[str], workers_pid: int | None = None,

@@ -21,16 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-REPO = Path(__file__).resolve().parents[1]
-UAV = REPO.parent / "shared" / "data" / "uav-concrete"
+from benchmarks.common import REPO, UAV
 
 
 def region_rules(boxes, scales, probs) -> dict[str, np.ndarray]:
@@ -54,7 +50,7 @@ def main() -> None:
     from shared.contract import ChunkOptions
     from shared.mask_tiles import label_tile, load_mask
     from training.sources import load_photo_split
-    from worker.inference import load_classifier
+    from shared.inference import load_classifier
     from worker.pipeline import ChunkRunner
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -1,8 +1,8 @@
 """Soak: ≥ 20,000 images through the service while Redis memory is sampled; it must stay bounded.
 
-    .venv/bin/python benchmarks/soak.py                    # `make soak`: 20,000 images, 5 jobs, TTL 60 s
-    .venv/bin/python benchmarks/soak.py --images 40000 --jobs 10 --ttl 90
-    .venv/bin/python benchmarks/soak.py --json             # machine-readable (the table goes to stderr)
+    .venv/bin/python -m benchmarks.soak                    # `make soak`: 20,000 images, 5 jobs, TTL 60 s
+    .venv/bin/python -m benchmarks.soak --images 40000 --jobs 10 --ttl 90
+    .venv/bin/python -m benchmarks.soak --json             # machine-readable (the table goes to stderr)
 
 A private Redis (loopback, random password) and local ``crackq worker``
 processes are started, exactly as ``crackq run`` does.  The images are the
@@ -31,14 +31,12 @@ import threading
 import time
 from contextlib import ExitStack
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from benchmarks.common import CONCRETE
+from producer.api import Client
+from producer.embedded import local_workers, private_redis
+from shared.config import Settings
 
-from producer.api import Client  # noqa: E402
-from producer.embedded import local_workers, private_redis  # noqa: E402
-from shared.config import Settings  # noqa: E402
-
-DEFAULT_FOLDER = os.path.normpath(os.path.join(REPO, os.pardir, "shared", "data", "concrete"))
+DEFAULT_FOLDER = str(CONCRETE)
 MB = 1024 * 1024
 
 

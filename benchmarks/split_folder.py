@@ -8,9 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.data import Split  # noqa: E402
+from training.data import Split
 
 
 def main() -> None:

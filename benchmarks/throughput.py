@@ -1,8 +1,8 @@
 """Throughput of crackq against the obvious alternatives, measured in ONE run on the same images.
 
-    .venv/bin/python benchmarks/throughput.py                 # `make bench`
-    .venv/bin/python benchmarks/throughput.py --scaling       # + 1 vs 2 worker processes, 1 thread each
-    .venv/bin/python benchmarks/throughput.py --json          # machine-readable (table goes to stderr)
+    .venv/bin/python -m benchmarks.throughput                 # `make bench`
+    .venv/bin/python -m benchmarks.throughput --scaling       # + 1 vs 2 worker processes, 1 thread each
+    .venv/bin/python -m benchmarks.throughput --json          # machine-readable (table goes to stderr)
     .venv/bin/python -m benchmarks.throughput --photos 0 --precision fp32 --no-fp32   # the FP32 path alone
 
 On N real images (default 2,000 from ../shared/data/concrete, balanced over
@@ -47,16 +47,15 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter would bury the table
 
-from bench_inprocess import CeilingPool, NaiveLoop  # noqa: E402
-from bench_service import EmbeddedService  # noqa: E402
-from bench_setup import DEFAULT_FOLDER, WorkerConfig, load_average, machine, sample_images  # noqa: E402
-from producer.api import plan_chunks  # noqa: E402
-from producer.embedded import data_roots_for  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.contract import make_items  # noqa: E402
+from benchmarks.bench_inprocess import CeilingPool, NaiveLoop
+from benchmarks.bench_service import EmbeddedService
+from benchmarks.bench_setup import DEFAULT_FOLDER, WorkerConfig, load_average, machine, sample_images
+from producer.api import plan_chunks
+from producer.embedded import data_roots_for
+from shared.config import Settings
+from shared.contract import make_items
 
 TARGETS = {"d/b": 0.90, "d/a": 20.0, "scaling": 1.8, "scaling_pinned": 1.8, "latency_ms": 250.0,
            "d/b_fp32": 1.5, "photos/photos_fp32": 1.5}
@@ -109,13 +108,13 @@ def default_workers(settings: Settings) -> int:
 
 
 def _default_precision(settings: Settings) -> str:
-    from worker.inference import resolve_precision
+    from shared.inference import resolve_precision
 
     return resolve_precision(settings)[0] if settings.backend == "onnx" else "fp32"
 
 
 def _int8_servable(model: str) -> bool:
-    from worker.inference import int8_problem
+    from shared.inference import int8_problem
 
     return int8_problem(model) is None
 
@@ -155,7 +154,7 @@ def main(argv=None) -> dict:
     naive = None
     try:
         say("setting up: naive Keras model, ceiling processes, service (private Redis + workers) ...")
-        from worker.inference import ModelInfo
+        from shared.inference import ModelInfo
 
         size = ModelInfo.from_model_path(config.model).input_size
         naive = None if args.skip_naive else _naive_loop(config.model, size)
@@ -215,8 +214,8 @@ def _start_service(config: WorkerConfig, roots: list[str], paths: list[str], lay
 
 
 def _make_photos(folder: Path, n: int, concrete: str) -> list[Path]:
-    """``n`` 4000x3000 JPEGs made of real held-out patches (as benchmarks/bigphotos.py makes them)."""
-    from bigphotos import make_photos  # benchmarks/ is on sys.path (above)
+    """``n`` 4000x3000 JPEGs made of real held-out patches (as benchmarks.bigphotos makes them)."""
+    from benchmarks.bigphotos import make_photos
 
     say(f"making {n} 4000x3000 photos from real patches ...")
     return make_photos(folder, n, Path(concrete))[0]

@@ -1,7 +1,7 @@
 """Tune CPU workers: processes × inference threads × batch × chunk (× decode threads), measured together.
 
-    .venv/bin/python benchmarks/tune.py                       # the grid in docs/performance.md
-    .venv/bin/python benchmarks/tune.py --grid 2x1:16:64 1x2:16:64 --n 1000
+    .venv/bin/python -m benchmarks.tune                       # the grid in docs/performance.md
+    .venv/bin/python -m benchmarks.tune --grid 2x1:16:64 1x2:16:64 --n 1000
 
 Each configuration gets its in-process ceiling (b) and its service (d: private
 Redis + ``crackq worker``), all kept up at once; every round measures each of
@@ -20,15 +20,14 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_inprocess import CeilingPool  # noqa: E402
-from bench_service import EmbeddedService  # noqa: E402
-from bench_setup import DEFAULT_FOLDER, WorkerConfig, load_average, machine, sample_images  # noqa: E402
-from producer.api import plan_chunks  # noqa: E402
-from producer.embedded import data_roots_for  # noqa: E402
-from shared.config import Settings  # noqa: E402
-from shared.contract import make_items  # noqa: E402
+from benchmarks.bench_inprocess import CeilingPool
+from benchmarks.bench_service import EmbeddedService
+from benchmarks.bench_setup import DEFAULT_FOLDER, WorkerConfig, load_average, machine, sample_images
+from producer.api import plan_chunks
+from producer.embedded import data_roots_for
+from shared.config import Settings
+from shared.contract import make_items
 
 #: processes x threads : batch : chunk [: decode threads [: layout (pool, separate, pinned)]]
 DEFAULT_GRID = ["1x2:32:64", "1x2:8:64", "1x1:8:64", "2x1:8:64", "2x1:16:64", "2x1:32:64", "2x1:8:32", "2x1:8:128",

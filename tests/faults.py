@@ -16,8 +16,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from benchmarks.common.service import RedisServer
 from producer.embedded import free_port
-from tests.service import RedisServer, wait_until
 
 
 def mixed_paths(concrete_dir: Path, count: int, offset: int = 0) -> list[str]:
@@ -217,7 +217,4 @@ class TlsRedisServer(RedisServer):
                 "--tls-ca-cert-file", str(self.certs["ca"]), "--tls-auth-clients", "no",
                 "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
                 "--requirepass", self.password, "--logfile", str(self.workdir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        wait_until(self._ready, 20, message="redis-server (TLS) to accept connections")
-        return self
+        return self._launch(args, "redis-server (TLS)")

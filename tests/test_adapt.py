@@ -10,9 +10,9 @@ import json
 import numpy as np
 from PIL import Image
 
+from benchmarks.common.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
+from benchmarks.common.service import crackq_cli
 from shared.preprocessing import prepare_image, tile_grid
-from tests.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
-from tests.service import crackq_cli
 
 
 def _manifest(folder) -> list[dict]:

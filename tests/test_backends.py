@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common.service import wait_until
 from producer.api import poll_interval
 from shared.config import Settings
 from shared.contract import ChunkOptions, make_items
 from shared.preprocessing import prepare_image
-from tests.service import wait_until
 from worker.cli import plan
 from shared.inference import ModelInfo, load_classifier
 from worker.pipeline import ChunkRunner, limit_blas_threads

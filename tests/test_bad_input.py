@@ -27,12 +27,12 @@ from click.testing import CliRunner
 from PIL import Image, TiffImagePlugin
 from pillow_heif import register_heif_opener
 
+from benchmarks.common.imagery import held_out_patches
+from benchmarks.common.service import WorkerProcess, crackq_cli
 from producer.api import Client
 from producer.cli import main as crackq
 from shared.config import Settings
 from tests.faults import task_events
-from tests.imagery import held_out_patches
-from tests.service import WorkerProcess, crackq_cli
 
 #: Files above this size are refused (the setting is lowered so the test needs no 512 MB file).
 MAX_FILE_BYTES = 2_000_000

@@ -7,9 +7,10 @@ import re
 import subprocess
 import sys
 
+from benchmarks.common import REPO
+from benchmarks.common.service import wait_until
 from producer.api import Client
 from tests.faults import idle, mixed_paths, results_written, task_events
-from tests.service import REPO, wait_until
 
 CHUNK = 16
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import REPO
+from benchmarks.common.service import WorkerProcess, wait_until
 from producer.embedded import free_port, redis_server_binary, stop_group
 from shared.config import PROJECT_ROOT, describe
-from tests.service import (COMPOSE_FILE, COMPOSE_TEST_VARIABLES, REPO, WorkerProcess, host_env, render_compose,
-                           wait_until)
+from tests.compose import COMPOSE_FILE, COMPOSE_TEST_VARIABLES, host_env, render_compose
 
 ENV_EXAMPLE = REPO / ".env.example"
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile.cpu", "gpu": REPO / "docker" / "Dockerfile.gpu"}

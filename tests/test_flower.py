@@ -14,9 +14,10 @@ import subprocess
 import urllib.error
 import urllib.request
 
+from benchmarks.common.service import wait_until
 from producer.api import Client
 from producer.embedded import free_port, stop_group
-from tests.service import host_env, start_command, wait_until
+from tests.compose import host_env, start_command
 
 
 def http_get(url: str, auth: str | None = None) -> tuple[int | None, str]:

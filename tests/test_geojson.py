@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
+from benchmarks.common.imagery import GPS_PHOTO, ROTATED_PHOTO, gps_exif
+from benchmarks.common.service import crackq_cli
 from shared.exif import photo_metadata
-from tests.imagery import GPS_PHOTO, ROTATED_PHOTO, gps_exif
-from tests.service import crackq_cli
 
 
 # ---- EXIF -----------------------------------------------------------------------------------------

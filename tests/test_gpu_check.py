@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.service import REPO
+from benchmarks.common import REPO
 
 
 def test_gpu_check_script_runs_its_cpu_fallback_end_to_end(tmp_path):

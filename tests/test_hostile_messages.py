@@ -16,13 +16,13 @@ import uuid
 
 import pytest
 
+from benchmarks.common.service import crackq_cli, wait_until
 from producer.api import Client
 from producer.embedded import free_port
 from shared.config import Settings
 from shared.contract import TASK_NAME
 from shared.celery_config import make_celery
 from tests.faults import mixed_paths, waiting
-from tests.service import crackq_cli, wait_until
 
 
 def envelope(client: Client, name: str, args: list, kwargs: dict | None = None) -> dict:

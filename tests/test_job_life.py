@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
+from benchmarks.common.service import RedisServer, wait_until
 from producer.api import Client
 from shared.config import Settings
 from shared.store import UnknownJob
 from tests.faults import in_flight, mixed_paths, waiting
-from tests.service import RedisServer, wait_until
 
 
 def test_an_interrupted_submit_shows_submitting_then_leaves_no_job_behind(concrete_dir, service_env, redis_server,

@@ -7,10 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
@@ -18,58 +14,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.embedded import stop_group
+from benchmarks.common.browser import LabelServer, chromium_binaries, headless_chromium
+from benchmarks.common.imagery import PATCH, held_out_patches, layout, mosaic_photo
+from benchmarks.common.service import wait_until
 from shared.preprocessing import load_rgb
-from tests.imagery import PATCH, held_out_patches, layout, mosaic_photo
-from tests.service import REPO, wait_until
-
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run")
+from tests.conftest import unavailable
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A headless Chromium with an empty profile; fails under CI when Chromium is missing."""
-    chrome, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chrome or not driver_bin:
-        message = "chromium and chromium-driver are needed (apt-get install -y chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chrome
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chrome-profile')}")
-    options.add_argument("--window-size=1280,900")
-    driver = webdriver.Chrome(options=options, service=Service(driver_bin))
+    if not all(chromium_binaries()):
+        unavailable("chromium and chromium-driver are needed (apt-get install -y chromium chromium-driver)")
+    driver = headless_chromium(tmp_path_factory.mktemp("chrome-profile"), "1280,900")
     yield driver
     driver.quit()
-
-
-class LabelServer:
-    """`crackq label` as a user starts it, in its own process group."""
-
-    def __init__(self, args, log_path, env):
-        self.log_path = log_path
-        self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "label", *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO),
-                                     env={**os.environ, **env})
-        self.url = wait_until(self._url, 240, 0.2, "the labelling page to listen")
-
-    def _url(self):
-        if self.proc.poll() is not None:
-            raise AssertionError(f"crackq label exited {self.proc.returncode}:\n{self.log_path.read_text()}")
-        found = re.findall(r"labelling page: (http://127\.0\.0\.1:\d+/)", self.log_path.read_text())
-        return found[-1] if found else None
-
-    def stop(self):
-        stop_group(self.proc, grace=20)
-        self.log.close()
 
 
 def _rows(out) -> list[dict]:

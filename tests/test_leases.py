@@ -13,11 +13,11 @@ import time
 
 import psutil
 
+from benchmarks.common.service import crackq_cli, wait_until
 from producer.api import Client
 from shared.config import Settings
 from shared.store import deliveries_key
 from tests.faults import in_flight, mixed_paths, task_events, waiting
-from tests.service import crackq_cli, wait_until
 
 LEASE = {"CRACKQ_LEASE_SECONDS": "5"}
 CHUNK = 16

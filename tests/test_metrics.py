@@ -17,10 +17,11 @@ from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.common import REPO
+from benchmarks.common.service import wait_until
 from producer.api import Client
 from producer.embedded import free_port
 from shared.config import Settings
-from tests.service import REPO, wait_until
 
 
 def scrape(port: int) -> dict[tuple, float]:

@@ -207,7 +207,7 @@ def test_scales_setting_and_option_parsing(monkeypatch):
 
 def test_multiscale_scoring_of_a_real_photo_through_a_worker(uav_dir, start_worker, service_env, tmp_path):
     from shared.preprocessing import multiscale_grid
-    from tests.service import crackq_cli
+    from benchmarks.common.service import crackq_cli
 
     photo = uav_dir / "images" / f"{PHOTOS[0]}.jpg"
     start_worker(data_roots=[str(uav_dir)])

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common.imagery import PATCH, held_out_patches, layout, mosaic_photo
+from benchmarks.common.s3server import BUCKET, upload
+from benchmarks.common.service import WorkerProcess, crackq_cli, per_tile_job
 from shared.preprocessing import tile_grid
 from shared.raster import plan_windows, window_tiles
-from tests.imagery import PATCH, held_out_patches, layout, mosaic_photo
-from tests.s3server import BUCKET, upload
-from tests.service import WorkerProcess, crackq_cli
 
 COLS, ROWS = 10, 8
 CRS = "EPSG:32633"
@@ -126,15 +126,7 @@ def ortho_job(concrete_dir, s3_server, redis_server, shipped_model, tmp_path_fac
            **s3_server.env()}
     worker = WorkerProcess(redis_server.url, queue, folder / "worker.log", model=shipped_model,
                            env={**s3_server.env(), "CRACKQ_DATA_ROOTS": f"{folder},s3://{BUCKET}/"})
-    out = folder / "results.jsonl"
-    try:
-        worker.start().wait_ready()
-        job_id = crackq_cli("submit", *paths.values(), "--per-tile", env=env).stdout.strip()
-        crackq_cli("wait", job_id, "--timeout", "300", env=env)
-        crackq_cli("results", job_id, "--per-tile", "--format", "jsonl", "--output", str(out), env=env)
-    finally:
-        worker.stop()
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    job_id, records, _ = per_tile_job(worker, *paths.values(), env=env, out=folder / "results.jsonl")
     return OrthoJob(records, paths, grid, job_id, env)
 
 

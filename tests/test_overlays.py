@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.common.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
+from benchmarks.common.service import crackq_cli
 from producer.overlays import CAPTION, MAX_SIDE, photos_with_tiles, write_overlays
-from tests.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
-from tests.service import crackq_cli
 
 
 def _records(path, grid, probs, width, height, **photo):

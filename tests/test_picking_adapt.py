@@ -9,9 +9,9 @@ import json
 import numpy as np
 from PIL import Image
 
+from benchmarks.common.imagery import PATCH, SPLIT_FILE, held_out_patches, layout, mosaic_photo, unfamiliar_images
+from benchmarks.common.service import crackq_cli
 from shared.picking import pick_random, pick_uncertain, uncertainty
-from tests.imagery import PATCH, SPLIT_FILE, held_out_patches, layout, mosaic_photo, unfamiliar_images
-from tests.service import crackq_cli
 
 
 def test_uncertain_picking_prefers_the_boundary_and_spreads_over_photos_and_looks():

@@ -16,11 +16,12 @@ import sys
 import psutil
 import pytest
 
+from benchmarks.common import REPO
+from benchmarks.common.service import RedisServer, wait_until
 from producer.api import Client
 from shared.config import Settings
 from shared.connections import ride_over_retry
 from tests.faults import FlakyLink, in_flight, mixed_paths, results_written, task_events, waiting
-from tests.service import REPO, RedisServer, wait_until
 
 #: A chunk whose worker vanished is delivered again after 15 s (kombu checks every 10 s), not after an hour.
 FAST_REDELIVERY = {"CRACKQ_VISIBILITY_TIMEOUT": "15", "CRACKQ_TASK_TIME_LIMIT": "12"}

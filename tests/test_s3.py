@@ -5,20 +5,19 @@ crack maps and tile export from a bucket, and no credentials anywhere in results
 from __future__ import annotations
 
 import csv
-import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks.common.imagery import PATCH, held_out_patches, layout, mosaic_photo
+from benchmarks.common.s3server import BUCKET, LOCKED_BUCKET, OTHER_BUCKET, credentials_free, upload
+from benchmarks.common.service import WorkerProcess, crackq_cli, per_tile_job
 from producer.discover import discover
 from shared import storage
 from shared.config import Settings
 from shared.storage import StorageError, is_under_roots
-from tests.imagery import PATCH, held_out_patches, layout, mosaic_photo
-from tests.s3server import BUCKET, LOCKED_BUCKET, OTHER_BUCKET, credentials_free, upload
-from tests.service import WorkerProcess, crackq_cli
 
 
 # ---- URLs and data roots (no server) ---------------------------------------------------------------
@@ -100,17 +99,9 @@ def bucket_job(s3_server, bucket_images, redis_server, shipped_model, tmp_path_f
                            env={**s3_server.env(), "CRACKQ_DATA_ROOTS": roots})
     out = tmp / "results.jsonl"
     images = bucket_images
-    try:
-        worker.start().wait_ready()
-        submitted = crackq_cli("submit", images["prefix"] + "/", images["missing"], images["locked"],
-                               images["other"], "--per-tile", "--json", env=env)
-        job_id = json.loads(submitted.stdout)["job_id"]
-        crackq_cli("wait", job_id, "--timeout", "300", env=env)
-        crackq_cli("results", job_id, "--per-tile", "--format", "jsonl", "--output", str(out), env=env)
-    finally:
-        worker.stop()
+    _, records, submitted = per_tile_job(worker, images["prefix"] + "/", images["missing"], images["locked"],
+                                         images["other"], "--json", env=env, out=out)
     text = out.read_text() + submitted.stdout + submitted.stderr
-    records = [json.loads(line) for line in out.read_text().splitlines()]
     return BucketJob(records, images, images["expected"], worker.log(), text)
 
 

@@ -12,12 +12,13 @@ import sys
 
 import pytest
 
+from benchmarks.common import REPO
+from benchmarks.common.service import wait_until
 from producer.api import Client
 from shared.config import Settings
 from shared.contract import TASK_NAME
 from shared.celery_config import make_celery
 from tests.faults import TlsRedisServer, idle, mixed_paths, tls_redis_binary
-from tests.service import REPO, wait_until
 
 
 def crackq(*args, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -14,9 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from benchmarks.common import REPO
+from benchmarks.common.service import wait_until
 from producer.api import Client
 from shared.contract import RESULT_COLUMNS
-from tests.service import REPO, wait_until
 
 CLI = [sys.executable, "-m", "producer.cli"]
 

@@ -9,7 +9,7 @@ from PIL import Image, JpegImagePlugin
 
 from shared.preprocessing import (ImageError, load_input, load_rgb, needs_tiling, prepare_image, tile_grid,
                                   tiles_to_inputs)
-from tests.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
+from benchmarks.common.imagery import PATCH, gps_exif, held_out_patches, layout, mosaic_photo
 
 
 # ---- the grid -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ How it is made (``crackq export --int8``, and the end of ``crackq train``):
 
 The INT8 file records the sha256 of the FP32 ONNX it was made from (ONNX
 metadata), so a worker never serves an INT8 model left over from an older
-model (``worker.inference``).  Calibration method and the ops left in FP32
+model (``shared.inference``).  Calibration method and the ops left in FP32
 were chosen by measurement on the calibration hold-out (``benchmarks/int8.py``;
 numbers in docs/performance.md).
 """

