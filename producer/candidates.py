@@ -20,7 +20,9 @@ import numpy as np
 
 from shared.config import Settings
 from shared.picking import POOL_FACTOR, pick_random, pick_uncertain, uncertainty
-from shared.preprocessing import INPUT_SIZE, Box, ImageError, load_rgb, oriented_size, tiles_to_inputs
+from shared import storage
+from shared.preprocessing import (INPUT_SIZE, Box, ImageError, check_file, load_rgb, oriented_size, tile_grid,
+                                 tiles_to_inputs)
 
 
 @dataclass
@@ -46,8 +48,6 @@ class Candidates:
 
 def from_photos(paths: list[str], settings: Settings, size: int | None = None) -> Candidates:
     """Every tile of ``paths`` (headers only; nothing decoded yet)."""
-    from producer.tiles_cli import plan
-
     size = size or settings.tile_size
     grid, failed = plan(paths, size, settings.max_pixels, settings.max_file_bytes)
     return Candidates([Tile(p, b) for p, b in grid], size, settings.threshold, failed)
@@ -131,3 +131,20 @@ def choose(cands: Candidates, n: int, strategy: str, model=None, settings: Setti
     known = np.array([t.probability for t in scored])
     picked = pick_uncertain(known, feats, [t.photo for t in scored], n, cands.threshold)
     return [scored[i] for i in picked]
+
+
+def plan(paths: list[str], size: int, max_pixels: int,
+         max_file_bytes: int) -> tuple[list[tuple[str, Box]], dict[str, str]]:
+    """Every ``(photo, tile box)`` of ``paths`` (headers only, nothing decoded) and the unreadable photos."""
+    grid: list[tuple[str, Box]] = []
+    failed: dict[str, str] = {}
+    for path in paths:
+        try:
+            source = storage.source(path, max_file_bytes)  # issue 12: s3:// objects fetched
+            check_file(source, max_file_bytes)
+            width, height = oriented_size(source, max_pixels)
+        except ImageError as exc:
+            failed[path] = str(exc)
+            continue
+        grid.extend((path, box) for box in tile_grid(width, height, size))
+    return grid, failed

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from producer.candidates import plan  # noqa: F401  (moved there: no import cycle)
 from producer.discover import discover
 from shared import storage
 from shared.config import Settings
@@ -73,23 +74,6 @@ def export(photos, out, size, sample, seed, strategy, no_recursive):
     click.echo(f"wrote {written} tile(s) of {size} px from {len(found.paths) - len(failed)} photo(s) to {out}; "
                f"sort them into {Path(out) / 'Positive'} and {Path(out) / 'Negative'}, then "
                f"`crackq train {out} --init-model MODEL --out NEW_MODEL_DIR`")
-
-
-def plan(paths: list[str], size: int, max_pixels: int,
-         max_file_bytes: int) -> tuple[list[tuple[str, Box]], dict[str, str]]:
-    """Every ``(photo, tile box)`` of ``paths`` (headers only, nothing decoded) and the unreadable photos."""
-    grid: list[tuple[str, Box]] = []
-    failed: dict[str, str] = {}
-    for path in paths:
-        try:
-            source = storage.source(path, max_file_bytes)  # issue 12: s3:// objects fetched
-            check_file(source, max_file_bytes)
-            width, height = oriented_size(source, max_pixels)
-        except ImageError as exc:
-            failed[path] = str(exc)
-            continue
-        grid.extend((path, box) for box in tile_grid(width, height, size))
-    return grid, failed
 
 
 def choose(grid: list[tuple[str, Box]], sample: int | None, seed: int) -> dict[str, list[Box]]:
