@@ -93,7 +93,9 @@ def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, 
         from training.adapt import AdaptConfig
         from training.adapt_cli import run_adapt
 
-        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir))
+        # `train` always trains: the keep-init rule (ship the init model unchanged) is `crackq adapt`'s default
+        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir,
+                              keep_init=False))
         return
     # ---- end issue 11 ----
     if bool(uav_images) != bool(uav_masks):
