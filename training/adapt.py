@@ -22,9 +22,15 @@ label has to count, so this recipe:
 * optionally (``--unfreeze-blocks N``, or ``auto``) also fine-tunes the top
   backbone blocks on cached intermediate activations, and keeps that only when
   cross-validation measures it better (see :mod:`training.adapt_deep`);
+* **keeps the init model** unchanged when the adapted head's cross-validated
+  balanced accuracy is not above the init model's on the new labels (which it
+  never saw) - a model that already knows the imagery is not made worse
+  (``keep_init``; ``crackq train --init-model`` always trains);
 * **chooses the decision threshold** on the new labels by cross-validation
   (grouped by source photo, so tiles of one photo never sit on both sides) and
-  stores it in the model card (``threshold.value``), where workers read it.
+  stores it in the model card (``threshold.value``), where workers read it; 0.5
+  instead when the tuned one costs accuracy on the replay validation sample
+  (:func:`guard_threshold`).
 
 The cross-validated balanced accuracy on the new imagery uses, for each fold,
 a threshold chosen on the other folds only, so the estimate is not flattered
