@@ -99,3 +99,49 @@ def test_adapt_learns_a_new_surface_keeps_the_old_and_stores_a_threshold(concret
     Image.fromarray(np.zeros((PATCH, PATCH, 3), np.uint8)).save(few / "Positive" / "a.png")
     refused = crackq_cli("adapt", str(few), "--out", str(tmp_path / "m2"), check=False)
     assert refused.returncode == 2 and "at least" in refused.stderr
+
+
+def test_threshold_guard_keeps_the_original_imagery_and_heads_read_their_columns():
+    """A threshold tuned on the new labels alone is dropped (0.5) when it costs the replay validation sample."""
+    from types import SimpleNamespace
+
+    from training.adapt import REPLAY_VAL_FLOOR, guard_threshold
+    from training.adapt_fit import Head, pooled_columns
+    from training.adapt_head import head_columns
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    rows = np.zeros((200, 1280))
+    rows[:, 0] = np.where(y == 1, 2.0, -2.0) + rng.normal(0, 0.5, 200)   # p(crack) mostly far from 0.5
+    head = Head(np.eye(1280)[0] * 2.0, 0.0, pooled_columns())
+    replay = SimpleNamespace(val=rows, y_val=y)
+    p = head.prob(rows)
+    assert np.mean((p >= 0.5) == y.astype(bool)) >= REPLAY_VAL_FLOOR
+    assert guard_threshold(0.999, replay, head, progress=lambda m: None) == 0.5   # would miss most cracks
+    assert guard_threshold(0.45, replay, head, progress=lambda m: None) == 0.45  # harmless: kept
+    assert guard_threshold(0.999, None, head) == 0.999                           # no replay: nothing to guard
+    multi = head_columns(("block_13_expand_relu", "block_10_expand_relu"))
+    assert len(multi) == 1280 + 576 + 384 and (multi[:1280] == pooled_columns()).all()
+
+
+def test_adapt_modules_import_no_cycle():
+    """Issue 14: training.adapt imports adapt_deep, never the reverse; adapt_cli does not import training.cli."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imports(module: str) -> set[str]:
+        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
+        found = set()
+        for node in ast.walk(tree):  # function-level imports count too
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+        return found
+
+    assert "training.adapt" not in imports("training.adapt_deep")
+    assert "training.adapt" not in imports("training.adapt_fit") | imports("training.adapt_head")
+    assert "training.cli" not in imports("training.adapt_cli")
+    assert "producer.tiles_cli" not in imports("producer.candidates")

@@ -14,19 +14,31 @@ label has to count, so this recipe:
   labels, so the model keeps what it knew (the Özgenel test split is scored
   after every run);
 * fits the head as an L2-regularised logistic regression on the frozen pooled
-  features (its strength chosen by cross-validation), which is the model's
-  Dense softmax head written in closed form;
+  features plus the spatial means of ``block_13_expand_relu`` and
+  ``block_10_expand_relu`` (what the shipped multi-source head reads; +5-7
+  points of balanced accuracy over pooled alone on validation photos of an
+  unseen domain, docs/drone.md), its strength chosen by cross-validation; it
+  replaces the init model's head (a Dense softmax written in closed form);
 * optionally (``--unfreeze-blocks N``, or ``auto``) also fine-tunes the top
   backbone blocks on cached intermediate activations, and keeps that only when
   cross-validation measures it better (see :mod:`training.adapt_deep`);
+* **keeps the init model** unchanged when the adapted head's cross-validated
+  balanced accuracy is not above the init model's on the new labels (which it
+  never saw) - a model that already knows the imagery is not made worse
+  (``keep_init``; ``crackq train --init-model`` always trains);
 * **chooses the decision threshold** on the new labels by cross-validation
   (grouped by source photo, so tiles of one photo never sit on both sides) and
-  stores it in the model card (``threshold.value``), where workers read it.
+  stores it in the model card (``threshold.value``), where workers read it; 0.5
+  instead when the tuned one costs accuracy on the replay validation sample
+  (:func:`guard_threshold`).
 
 The cross-validated balanced accuracy on the new imagery uses, for each fold,
 a threshold chosen on the other folds only, so the estimate is not flattered
-by the threshold choice.  Features come from the init model's ONNX export
-(:mod:`shared.onnx_model`), i.e. exactly what a worker computes.
+by the threshold choice.  Feature rows come from one Keras pass of the init
+model (:class:`Extractor`, the :mod:`training.multisource` row layout): the
+served features (for the in-domain check) and the earlier-layer means (for the
+head).  The numerical core (views, balancing, folds, threshold) is
+:mod:`training.adapt_fit`, shared with :mod:`training.adapt_deep`.
 """
 
 from __future__ import annotations
@@ -44,17 +56,19 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.onnx_model import OnnxModel, card_threshold, read_card
+from shared.model_card import (CARD_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE, card_threshold,  # noqa: F401
+                               file_sha256, onnx_path, read_card, write_card)
 from shared.serving import POOLED_DIM
+from training.adapt_head import head_columns, linear_head
+from training.adapt_fit import (C_GRID, VIEWS, Head, balanced_accuracy, best_threshold, choose_threshold,  # noqa: F401
+                                cross_validate, dihedral, estimate, fit_head, folds_of, training_set)
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE, ONNX_FILE, CARD_FILE, SPLIT_FILE = (
-    "crackq_mobilenetv2.keras", "crackq_mobilenetv2.onnx", "model_card.json", "split.json")
 MIN_PER_CLASS = 4
-#: Inverse regularisation strengths tried by cross-validation.
-C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
-VIEWS = 8
+#: What the adapted head reads by default: pooled features plus the spatial means of the earlier layers the
+#: shipped multi-source head reads (chosen on uav-concrete validation photos, docs/drone.md).
+HEAD_LAYERS = ("block_13_expand_relu", "block_10_expand_relu")
 
 
 @dataclass
@@ -75,23 +89,13 @@ class AdaptConfig:
     cache_dir: str | None = field(default_factory=lambda: str(_default_cache()))
     score_replay_test: bool = True       # accuracy kept on the init model's test split
     threads: int = 0
+    head_layers: tuple[str, ...] = HEAD_LAYERS   # () : the head reads the pooled features only
+    keep_init: bool = True               # ship the init model unchanged when adapting does not measure better
 
 
 def _default_cache() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "crackq"
-
-
-@dataclass
-class Head:
-    """p(crack) = sigmoid(features[:, :1280] @ w + b): the Dense softmax head in closed form."""
-
-    w: np.ndarray
-    b: float
-
-    def prob(self, feats: np.ndarray) -> np.ndarray:
-        z = feats[:, :POOLED_DIM].astype(np.float64) @ self.w + self.b
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -126,17 +130,38 @@ def photo_groups(root: str, files: list[str]) -> list[str]:
     return out
 
 
-def dihedral(images: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips / quarter-turns of a batch (N, H, W, 3); the first is the batch itself."""
-    out = []
-    for flip in (False, True):
-        base = images[:, :, ::-1] if flip else images
-        for k in range(4):
-            out.append(np.ascontiguousarray(np.rot90(base, k, axes=(1, 2))))
-    return out
+class Extractor:
+    """Crack probability and feature rows of model inputs through the init model (Keras).
+
+    Rows are laid out as :mod:`training.multisource` caches them: the served ``features`` (pooled, then the
+    texture statistics the in-domain check reads), then the spatial mean of each earlier layer the
+    multi-source head may read.  One forward pass gives all of them.
+    """
+
+    def __init__(self, model_path: str):
+        import keras
+
+        from training import multisource as ms
+        from training.model import backbone_layers, inference_fn, load_model, weights_fingerprint
+
+        model = load_model(model_path)
+        self.fingerprint = weights_fingerprint(backbone_layers(model))
+        self.layout_version = ms.LAYOUT_VERSION
+        self._fn = inference_fn(keras.Model(model.inputs, {"p": model.output, "rows": ms.extractor(model).output}))
+        self.input_size = int(model.input_shape[1])
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, rows = [], []
+        for start in range(0, len(images), 64):
+            out = self._fn(np.asarray(images[start:start + 64], np.float32))
+            probs.append(out["p"][:, 1])
+            rows.append(out["rows"])
+        if not rows:
+            return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+        return np.concatenate(probs), np.concatenate(rows).astype(np.float32)
 
 
-def load_new(model: OnnxModel, cfg: AdaptConfig, classes) -> NewLabels:
+def load_new(model: Extractor, cfg: AdaptConfig, classes) -> NewLabels:
     from training.data import iter_batches, list_labelled, warn_skipped
 
     data = list_labelled(cfg.data_dir)
@@ -155,30 +180,32 @@ def load_new(model: OnnxModel, cfg: AdaptConfig, classes) -> NewLabels:
                          f"{dict(zip(classes, counts.tolist()))} in {cfg.data_dir}")
     images = np.concatenate(images)
     views = dihedral(images) if cfg.augment else [images]
-    runs = [model.predict(v, pooled_only=False) for v in views]
+    runs = [model.run(v) for v in views]
     groups = np.array(photo_groups(cfg.data_dir, kept))
     grouped = len(set(groups[y == 0])) >= cfg.folds and len(set(groups[y == 1])) >= cfg.folds
     return NewLabels(kept, y, groups, np.stack([f for _, f in runs]), grouped, runs[0][0],
                      images)
 
 
-def cached_features(model: OnnxModel, onnx_sha: str, root: str, files: list[str], cache_dir: str | None,
+def cached_features(model: Extractor, root: str, files: list[str], cache_dir: str | None,
                     label: str) -> tuple[np.ndarray, list[str]]:
-    """Served features of ``files`` under ``root`` (readable ones, in order), cached on disk by content."""
+    """Feature rows of ``files`` under ``root`` (readable ones, in order), cached on disk by content and by
+    the backbone's weights (rows do not depend on the head)."""
     from training.data import iter_batches, list_sha256, warn_skipped
     from training.progress import bar
 
     path = None
     if cache_dir:
-        key = hashlib.sha256(json.dumps([onnx_sha, os.path.realpath(root), list_sha256(files)]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps(["rows", model.layout_version, model.fingerprint, os.path.realpath(root),
+                                         list_sha256(files)]).encode()).hexdigest()
         path = Path(cache_dir) / "adapt" / f"{key}.npz"
         if path.exists():
             with np.load(path, allow_pickle=False) as npz:
-                return npz["features"], [str(f) for f in npz["files"]]
+                return npz["features"].astype(np.float32), [str(f) for f in npz["files"]]
     parts, kept, bad = [], [], []
     with bar(label, len(files)) as advance:
         for positions, images in iter_batches(root, files, 64, bad, size=model.input_size):
-            parts.append(model.predict(images, pooled_only=False)[1])
+            parts.append(model.run(images)[1])
             kept += [files[i] for i in positions]
             advance(len(positions))
     warn_skipped(bad)
@@ -186,7 +213,7 @@ def cached_features(model: OnnxModel, onnx_sha: str, root: str, files: list[str]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=feats, files=np.array(kept))
+        np.savez(tmp, features=feats.astype(np.float16), files=np.array(kept))
         os.replace(tmp, path)
     return feats, kept
 
@@ -200,9 +227,10 @@ class Replay:
     y_test: np.ndarray
     source: dict
     files: dict                # "train" / "val" / "test" -> files under source["dir"] (same order as features)
+    y_val: np.ndarray | None = None
 
 
-def load_replay(model: OnnxModel, onnx_sha: str, cfg: AdaptConfig, init_card: dict) -> Replay | None:
+def load_replay(model: Extractor, cfg: AdaptConfig, init_card: dict) -> Replay | None:
     """A class-balanced sample of the init model's train split (+ val sample, + test split) as features."""
     from training.data import Split, labels_of
     from training.domain_fit import balanced_sample
@@ -218,15 +246,15 @@ def load_replay(model: OnnxModel, onnx_sha: str, cfg: AdaptConfig, init_card: di
     train_files = balanced_sample(split.files["train"], cfg.replay_size, cfg.seed)
     test_files = split.files["test"] if cfg.score_replay_test else []
     val_files = balanced_sample(split.files["val"], max(200, cfg.replay_size // 2), cfg.seed)
-    train, train_kept = cached_features(model, onnx_sha, root, train_files, cfg.cache_dir, "replay: train sample")
-    val, val_kept = cached_features(model, onnx_sha, root, val_files, cfg.cache_dir, "replay: val sample")
-    test, test_kept = (cached_features(model, onnx_sha, root, test_files, cfg.cache_dir, "replay: test split")
+    train, train_kept = cached_features(model, root, train_files, cfg.cache_dir, "replay: train sample")
+    val, val_kept = cached_features(model, root, val_files, cfg.cache_dir, "replay: val sample")
+    test, test_kept = (cached_features(model, root, test_files, cfg.cache_dir, "replay: test split")
                        if test_files else (np.zeros((0, train.shape[1]), np.float32), []))
     return Replay(train, labels_of(split.classes, train_kept), val, test,
                   labels_of(split.classes, test_kept) if test_kept else np.zeros(0, np.int64),
                   {"dir": str(root), "split_file": str(split_path), "train_images": len(train_kept),
                    "val_images": int(len(val)), "test_images": len(test_kept), "weight": cfg.replay_weight},
-                  {"train": train_kept, "val": val_kept, "test": test_kept})
+                  {"train": train_kept, "val": val_kept, "test": test_kept}, labels_of(split.classes, val_kept))
 
 
 def resolve_replay_dir(path: str | None) -> Path | None:
@@ -243,102 +271,11 @@ def resolve_replay_dir(path: str | None) -> Path | None:
 
 # ---- the head -----------------------------------------------------------------------------------
 
-def training_set(new: NewLabels, rows: np.ndarray, replay: Replay | None, replay_weight: float):
-    """Features, labels and sample weights: each new class weighs 1/2 in total (over all its views),
-    the replay sample ``replay_weight`` in total, also split evenly between classes."""
-    x = [new.views[:, rows].reshape(-1, new.views.shape[-1])]
-    y = [np.tile(new.y[rows], new.views.shape[0])]
-    w = [_balanced(y[0], 1.0)]
-    if replay is not None and len(replay.train) and replay_weight > 0:
-        x.append(replay.train)
-        y.append(replay.y_train)
-        w.append(_balanced(replay.y_train, replay_weight))
-    return np.concatenate(x)[:, :POOLED_DIM], np.concatenate(y), np.concatenate(w)
-
-
-def _balanced(y: np.ndarray, total: float) -> np.ndarray:
-    counts = np.bincount(y, minlength=2).astype(float)
-    present = counts > 0
-    per = np.where(present, total / present.sum() / np.maximum(counts, 1), 0.0)
-    return per[y]
-
-
-def fit_head(x: np.ndarray, y: np.ndarray, w: np.ndarray, c: float) -> Head:
-    """L2 logistic regression on standardised features, folded back into raw-feature weights."""
-    from sklearn.linear_model import LogisticRegression
-
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    scale = len(y) / w.sum()  # sklearn's C acts on the summed loss: keep its meaning for any sample count
-    lr = LogisticRegression(C=c, max_iter=500, tol=1e-5)
-    lr.fit((x - mean) / std, y, sample_weight=w * scale / len(y) * 100)
-    coef = lr.coef_[0] / std
-    return Head(coef, float(lr.intercept_[0] - coef @ mean))
-
-
-def folds_of(new: NewLabels, k: int, seed: int) -> list[np.ndarray]:
-    """Held-out row indices of each fold: stratified, grouped by photo where there are enough photos."""
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
-
-    k = max(2, min(k, int(np.bincount(new.y).min())))
-    rows = np.arange(len(new.y))
-    if new.grouped:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        return [test for _, test in splitter.split(rows, new.y, new.groups)]
-    return [test for _, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(rows, new.y)]
-
-
-def balanced_accuracy(y: np.ndarray, p: np.ndarray, t: float) -> float:
-    pred = p >= t
-    recalls = [float(np.mean(pred[y == c] == bool(c))) for c in (0, 1) if np.any(y == c)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
-def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    """The threshold with the highest balanced accuracy on (y, p): midway between neighbouring scores,
-    ties broken towards 0.5 (the least surprising choice)."""
-    values = np.unique(np.concatenate([p, [0.0, 1.0]]))
-    candidates = np.concatenate([[0.5], (values[:-1] + values[1:]) / 2])
-    scores = np.array([balanced_accuracy(y, p, t) for t in candidates])
-    best = np.flatnonzero(scores >= scores.max() - 1e-12)
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
-
-
-def _estimate(cv: dict) -> float:
-    """Cross-validated balanced accuracy of what ships: tuned threshold when it generalises, else 0.5."""
-    return max(cv["balanced_accuracy"], cv["at_0_5"])
-
-
-def choose_threshold(y: np.ndarray, cv: dict) -> float:
-    """The out-of-fold best threshold, but only when that measures better than 0.5.
-
-    ``cv["balanced_accuracy"]`` scores each fold at a threshold tuned on the other folds; when that is
-    no better than plain 0.5 on the same out-of-fold probabilities, tuning does not generalise (picked
-    tiles crowd the boundary, so their best threshold is noisy) and 0.5 is kept.
-    """
-    if cv["balanced_accuracy"] <= cv["at_0_5"]:
-        return 0.5
-    return best_threshold(y, cv["oof"])
-
-
-def cross_validate(new: NewLabels, replay: Replay | None, cfg: AdaptConfig, fit_fn) -> dict:
-    """Out-of-fold probabilities of ``fit_fn(rows) -> predict(features)``; per-fold balanced accuracy at a
-    threshold chosen on the *other* folds' out-of-fold probabilities."""
-    folds = folds_of(new, cfg.folds, cfg.seed)
-    oof = np.zeros(len(new.y))
-    for held in folds:
-        rows = np.setdiff1d(np.arange(len(new.y)), held)
-        oof[held] = fit_fn(rows)(new.views[0, held])
-    per_fold = []
-    for held in folds:
-        rest = np.setdiff1d(np.arange(len(new.y)), held)
-        per_fold.append(balanced_accuracy(new.y[held], oof[held], best_threshold(new.y[rest], oof[rest])))
-    return {"oof": oof, "balanced_accuracy": float(np.mean(per_fold)), "per_fold": per_fold,
-            "folds": len(folds), "at_0_5": balanced_accuracy(new.y, oof, 0.5)}
-
-
 def head_fitter(new: NewLabels, replay: Replay | None, cfg: AdaptConfig, c: float):
+    columns = head_columns(cfg.head_layers)
+
     def fit_rows(rows):
-        return fit_head(*training_set(new, rows, replay, cfg.replay_weight), c).prob
+        return fit_head(*training_set(new, rows, replay, cfg.replay_weight), c, columns).prob
     return fit_rows
 
 
@@ -349,30 +286,29 @@ def adapt(cfg: AdaptConfig, progress=log.info) -> dict:
     started = time.perf_counter()
     init_card = read_card(cfg.init_model)
     classes = init_card.get("classes", ["Negative", "Positive"])
-    model = OnnxModel.load(cfg.init_model, threads=cfg.threads)
-    from training.model import file_sha256
-
-    onnx_sha = file_sha256(Path(cfg.init_model).with_suffix(".onnx"))
+    model = Extractor(cfg.init_model)
     new = load_new(model, cfg, classes)
     progress(f"{len(new.y)} labelled tile(s) ({int(new.y.sum())} crack) from {len(set(new.groups))} photo(s)")
-    replay = load_replay(model, onnx_sha, cfg, init_card)
+    replay = load_replay(model, cfg, init_card)
     timings = {"features_seconds": round(time.perf_counter() - started, 1)}
 
     baseline = balanced_accuracy(new.y, new.init_probs, card_threshold(init_card))  # the init model as served
     progress(f"init model on the new labels: balanced accuracy {baseline:.3f}")
     trials = {}
+    folds = folds_of(new, cfg.folds, cfg.seed)
     for c in C_GRID:
-        trials[c] = cross_validate(new, replay, cfg, head_fitter(new, replay, cfg, c))
+        trials[c] = cross_validate(new, folds, head_fitter(new, replay, cfg, c))
         progress(f"head C={c:g}: cross-validated balanced accuracy {trials[c]['balanced_accuracy']:.3f}")
-    best_c = max(C_GRID, key=lambda c: (_estimate(trials[c]), -abs(np.log10(c))))
+    best_c = max(C_GRID, key=lambda c: (estimate(trials[c]), -abs(np.log10(c))))
     cv = trials[best_c]
-    head = fit_head(*training_set(new, np.arange(len(new.y)), replay, cfg.replay_weight), best_c)
-    threshold = choose_threshold(new.y, cv)
+    head = fit_head(*training_set(new, np.arange(len(new.y)), replay, cfg.replay_weight), best_c,
+                    head_columns(cfg.head_layers))
+    threshold = guard_threshold(choose_threshold(new.y, cv), replay, head, progress)
     deep = None
     if cfg.unfreeze_blocks not in ("0", "", None):
         from training.adapt_deep import maybe_unfreeze
 
-        deep = maybe_unfreeze(cfg, new, replay, {"C": best_c}, cv, progress)
+        deep = maybe_unfreeze(cfg, new, replay, {"C": best_c, "columns": head.columns}, cv, progress)
         if deep.kept:
             cv, threshold = deep.cv, choose_threshold(new.y, deep.cv)
             new.views[0, :, :POOLED_DIM] = deep.pooled["new"]
@@ -380,21 +316,71 @@ def adapt(cfg: AdaptConfig, progress=log.info) -> dict:
                 for name in ("train", "val", "test"):
                     if f"replay_{name}" in deep.pooled:
                         getattr(replay, name)[:, :POOLED_DIM] = deep.pooled[f"replay_{name}"]
+    # The init model as served is scored on labels it never saw: an honest estimate, like the CV one.  When
+    # the adapted head does not beat it (a model that already knows the imagery, e.g. the shipped model on
+    # drone walls like its uav-concrete training photos), the init model ships unchanged (docs/drone.md).
+    init_kept = cfg.keep_init and estimate(cv) <= baseline
+    if init_kept:
+        progress(f"adapted head: cross-validated {estimate(cv):.3f} <= init model {baseline:.3f}: "
+                 "keeping the init model (and its threshold)")
+        threshold, deep = card_threshold(init_card), None
     timings["fit_seconds"] = round(time.perf_counter() - started - timings["features_seconds"], 1)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    kept = _kept_accuracy(head, replay, threshold, deep.replay_test_probs if deep and deep.kept else None)
-    onnx_diff = write_model(cfg.init_model, head, out, deep, new)
+    kept = _kept_accuracy(head, replay, threshold, deep.replay_test_probs if deep and deep.kept else
+                          _init_probs(model, replay) if init_kept else None)
+    onnx_diff = (_copy_init(cfg.init_model, out, init_card) if init_kept else
+                 write_model(cfg.init_model, head, out, deep, cfg.head_layers))
     split = write_split(new, cfg, out, classes)
     card = build_card(cfg, init_card, new, replay, split, head, best_c, cv, baseline, trials, threshold, kept,
-                      timings, onnx_diff, deep)
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    _fit_domain(model, onnx_sha, new, replay, split, out, cfg)
-    card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+                      timings, onnx_diff, deep, init_kept)
+    write_card(out, card)
+    _fit_domain(new, replay, split, out)
+    card = read_card(out)
     card["adaptation"]["seconds"] = round(time.perf_counter() - started, 1)
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(out, card)
     return card
+
+
+#: Accuracy on the replay validation sample a tuned threshold must keep (else 0.5 is used).
+REPLAY_VAL_FLOOR = 0.995
+
+
+def guard_threshold(t: float, replay: Replay | None, head: Head, progress=log.info) -> float:
+    """``t``, unless it costs the original imagery: a threshold tuned on ~100 new labels alone moved the
+    Özgenel accuracy below 99.5 % where 0.5 kept it (docs/drone.md).  Checked on the replay *validation*
+    sample (never the test split): when accuracy there at ``t`` is under :data:`REPLAY_VAL_FLOOR` and under
+    the accuracy at 0.5, 0.5 is used."""
+    if replay is None or replay.y_val is None or not len(replay.val) or t == 0.5:
+        return t
+    p, y = head.prob(replay.val), replay.y_val.astype(bool)
+    at_t, at_half = float(np.mean((p >= t) == y)), float(np.mean((p >= 0.5) == y))
+    if at_t < REPLAY_VAL_FLOOR and at_t < at_half:
+        progress(f"threshold {t:.3f} costs the original imagery (replay val accuracy {at_t:.4f} vs {at_half:.4f} "
+                 "at 0.5): using 0.5")
+        return 0.5
+    return t
+
+
+def _init_probs(model: Extractor, replay: Replay | None) -> np.ndarray | None:
+    """The init model's crack probability of the replay test images (scored when it ships unchanged)."""
+    from training.data import iter_batches
+
+    if replay is None or not len(replay.test):
+        return None
+    parts = [model.run(b)[0] for _, b in iter_batches(replay.source["dir"], replay.files["test"], 64, [],
+                                                       size=model.input_size)]
+    return np.concatenate(parts)
+
+
+def _copy_init(init_model: str, out: Path, init_card: dict) -> float:
+    """The init model's Keras and ONNX files, copied unchanged into ``out``."""
+    import shutil
+
+    shutil.copyfile(init_model, out / MODEL_FILE)
+    shutil.copyfile(onnx_path(init_model), out / ONNX_FILE)
+    return float(init_card.get("files", {}).get("onnx_max_abs_diff_vs_keras", 0.0) or 0.0)
 
 
 def _kept_accuracy(head: Head, replay: Replay | None, threshold: float, probs=None) -> dict | None:
@@ -407,41 +393,23 @@ def _kept_accuracy(head: Head, replay: Replay | None, threshold: float, probs=No
             "balanced_accuracy": round(balanced_accuracy(replay.y_test, p, threshold), 4)}
 
 
-def write_model(init_model: str, head: Head, out: Path, deep, new: NewLabels) -> float:
-    """The init model with the new head (and, when kept, the fine-tuned top blocks), saved and exported."""
+def write_model(init_model: str, head: Head, out: Path, deep, layers: tuple[str, ...]) -> float:
+    """The init model's backbone with the new head (and, when kept, the fine-tuned top blocks), saved and
+    exported."""
     from training.export import export_onnx
     from training.model import OUTPUT_LAYER, load_model
 
-    model = load_model(init_model)
+    model = linear_head(load_model(init_model), layers)
     if deep is not None and deep.kept:
         deep.apply(model)  # top blocks and head, trained together
     else:
         kernel = np.stack([-head.w / 2, head.w / 2], axis=1).astype(np.float32)
         bias = np.array([-head.b / 2, head.b / 2], np.float32)
-        model = _linear_head_on_pooled(model, kernel.shape[0])
         model.get_layer(OUTPUT_LAYER).set_weights([kernel, bias])
     model.save(out / MODEL_FILE)
     rng = np.random.default_rng(0)
     check = rng.uniform(0, 255, (4, *model.input_shape[1:])).astype(np.float32)
     return export_onnx(model, out / ONNX_FILE, check_inputs=check)
-
-
-def _linear_head_on_pooled(model, width: int):
-    """``model`` itself when its output layer reads the pooled features; else the same backbone with a new
-    Dense softmax on them.
-
-    The adapted head is a logistic regression on the pooled features, so an init model whose head reads
-    more (the multi-source MLP head on pooled + earlier-block means) gets its head replaced, not refilled.
-    """
-    import keras
-
-    from training.model import FEATURES_LAYER, OUTPUT_LAYER
-
-    if model.get_layer(OUTPUT_LAYER).get_weights()[0].shape[0] == width:
-        return model
-    pooled = model.get_layer(FEATURES_LAYER).output
-    probs = keras.layers.Dense(2, activation="softmax", name=OUTPUT_LAYER)(pooled)
-    return keras.Model(model.inputs, probs, name=model.name)
 
 
 def write_split(new: NewLabels, cfg: AdaptConfig, out: Path, classes):
@@ -457,35 +425,37 @@ def write_split(new: NewLabels, cfg: AdaptConfig, out: Path, classes):
     return split
 
 
-def _fit_domain(model, onnx_sha, new: NewLabels, replay: Replay | None, split, out: Path, cfg: AdaptConfig):
+def _fit_domain(new: NewLabels, replay: Replay | None, split, out: Path):
     """In-domain description: the replay sample plus the new train tiles, calibrated on a replay val sample
     plus the new val tiles - so both the original imagery and the new survey count as familiar."""
     from shared.domain import FILE_NAME
     from training.domain_fit import fit, summary
 
+    from training.multisource import SERVING_DIM
+
     index = {f: i for i, f in enumerate(new.files)}
-    tr = new.views[0, [index[f] for f in split.files["train"]]]
-    va = new.views[0, [index[f] for f in split.files["val"]]]
+    tr = new.views[0, [index[f] for f in split.files["train"]], :SERVING_DIM]
+    va = new.views[0, [index[f] for f in split.files["val"]], :SERVING_DIM]
     if replay is not None:
-        tr, va = np.concatenate([replay.train, tr]), np.concatenate([replay.val, va])
-    card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+        tr = np.concatenate([replay.train[:, :SERVING_DIM], tr])
+        va = np.concatenate([replay.val[:, :SERVING_DIM], va])
+    card = read_card(out)
     try:
         scorer = fit(tr, va, backbone_fingerprint=card.get("backbone", {}).get("weights_fingerprint"))
     except ValueError as exc:
         log.warning("no in-domain description: %s", exc)
         return
     scorer.save(out / FILE_NAME)
-    test = replay.test if replay is not None else np.zeros((0, tr.shape[1]))
+    test = replay.test[:, :SERVING_DIM] if replay is not None else np.zeros((0, tr.shape[1]))
     card["domain"] = summary(scorer, va, test, out / FILE_NAME)
     card["domain"]["fitted_on"] = {"split": "replay train sample + new train tiles", "images": int(len(tr))}
     card["domain"]["calibrated_on"] = {"split": "replay val sample + new val tiles", "images": int(len(va))}
     card.setdefault("files", {})["domain"] = FILE_NAME
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(out, card)
 
 
 def build_card(cfg, init_card, new, replay, split, head, best_c, cv, baseline, trials, threshold, kept, timings,
-               onnx_diff, deep) -> dict:
-    from training.model import file_sha256
+               onnx_diff, deep, init_kept: bool = False) -> dict:
 
     card = {k: v for k, v in init_card.items() if k not in ("domain", "metrics", "confusion_matrix", "threshold")}
     counts = split.counts()
@@ -503,7 +473,8 @@ def build_card(cfg, init_card, new, replay, split, head, best_c, cv, baseline, t
                  "split_file": SPLIT_FILE, "photos": len(set(new.groups.tolist()))},
         "metrics": {
             "new_imagery_cv": {
-                "balanced_accuracy": round(_estimate(cv), 4),
+                "balanced_accuracy": round(baseline if init_kept else estimate(cv), 4),
+                "adapted_head_balanced_accuracy": round(estimate(cv), 4),
                 "tuned_threshold_balanced_accuracy": round(cv["balanced_accuracy"], 4),
                 "per_fold": [round(v, 4) for v in cv["per_fold"]],
                 "balanced_accuracy_at_0_5": round(cv["at_0_5"], 4),
@@ -516,9 +487,11 @@ def build_card(cfg, init_card, new, replay, split, head, best_c, cv, baseline, t
         },
         "adaptation": {
             "recipe": "crackq adapt: 8 dihedral views per tile, class-balanced weights, replay of the init model's "
-                      "train split, L2 logistic-regression head on frozen pooled features (C by cross-validation)",
+                      "train split, L2 logistic-regression head on frozen pooled features"
+                      + "".join(f" + spatial mean of {name}" for name in cfg.head_layers) + " (C by cross-validation)",
             "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},
             "head_C": best_c,
+            "init_model_kept": init_kept,
             "cv_by_C": {str(c): round(t["balanced_accuracy"], 4) for c, t in trials.items()},
             "replay": replay.source if replay is not None else None,
             "unfreeze": deep.summary() if deep is not None else {"blocks": 0},
@@ -527,5 +500,13 @@ def build_card(cfg, init_card, new, replay, split, head, best_c, cv, baseline, t
         "files": {**init_card.get("files", {}), "keras": MODEL_FILE, "onnx": ONNX_FILE,
                   "onnx_max_abs_diff_vs_keras": onnx_diff},
     })
+    if init_kept:
+        card.setdefault("backbone", {})["unfrozen_blocks"] = init_card.get("backbone", {}).get("unfrozen_blocks", 0)
+        card["threshold"]["chosen_on"] = "the init model's (kept unchanged: adapting did not measure better)"
+        return card
+    card["architecture"] = ("MobileNetV2 (frozen" + (f", top {deep.blocks} block(s) fine-tuned" if deep is not None
+                                                    and deep.kept else "") + ") -> [pooled (1280)"
+                            + "".join(f" + spatial mean of {name}" for name in cfg.head_layers)
+                            + "] -> Dense(2, softmax) 'probabilities' (crackq adapt)")
     card.setdefault("backbone", {})["unfrozen_blocks"] = deep.blocks if deep is not None and deep.kept else 0
     return card

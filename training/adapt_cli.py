@@ -38,22 +38,29 @@ def adapt_options(f):
 @click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Model to adapt [default: setting model, the shipped one].")
 @adapt_options
+@click.option("--head-features", type=click.Choice(["multi", "pooled"]), default="multi", show_default=True,
+              help="What the new head reads: multi = pooled features + spatial means of block_13/block_10 "
+                   "(measured better, docs/drone.md); pooled = the pooled features only.")
+@click.option("--keep-init/--no-keep-init", default=D["keep_init"].default, show_default=True,
+              help="Ship the init model unchanged when the adapted head does not measure better on the new labels.")
 @click.option("--seed", type=int, default=D["seed"].default, show_default=True)
-def adapt(data_dir, out, init_model, replay_dir, replay_split, replay_size, folds, unfreeze_blocks, seed):
+def adapt(data_dir, out, init_model, replay_dir, replay_split, replay_size, folds, unfreeze_blocks, head_features,
+          keep_init, seed):
     """Adapt the model to NEW_DIR (Positive/ and Negative/ tiles, e.g. from `crackq label`)."""
     from shared.config import Settings
 
     cfg = AdaptConfig(data_dir=data_dir, out=out, init_model=init_model or Settings.load().model,
                       replay_dir=replay_dir, replay_split=replay_split, replay_size=replay_size, folds=folds,
-                      unfreeze_blocks=unfreeze_blocks, seed=seed)
+                      unfreeze_blocks=unfreeze_blocks, seed=seed,
+                      head_layers=D["head_layers"].default if head_features == "multi" else (), keep_init=keep_init)
     run_adapt(cfg)
 
 
 def run_adapt(cfg: AdaptConfig) -> dict:
     """Run :func:`training.adapt.adapt` with readable logs and a summary; bad input exits 2."""
-    from training.cli import _quiet_tensorflow
+    from training.tf_quiet import quiet_tensorflow
 
-    _quiet_tensorflow()
+    quiet_tensorflow()
     from training.adapt import adapt as run
 
     try:

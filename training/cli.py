@@ -8,26 +8,15 @@ stays fast.  Defaults come from :class:`training.train.TrainConfig` and
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 import click
 
 from training.data import SPLIT_NAMES, parse_ratios
+from training.tf_quiet import quiet_tensorflow as _quiet_tensorflow
 from training.train import TrainConfig
 
 D = TrainConfig.__dataclass_fields__
-
-
-def _quiet_tensorflow() -> None:
-    """Before TF is imported: no C++ info logs, readable warnings through rich."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from rich.logging import RichHandler
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
-    for noisy in ("tensorflow", "tf2onnx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _ratios(text: str):
@@ -104,7 +93,9 @@ def train(data_dir, out, epochs, batch_size, learning_rate, seed, split_ratios, 
         from training.adapt import AdaptConfig
         from training.adapt_cli import run_adapt
 
-        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir))
+        # `train` always trains: the keep-init rule (ship the init model unchanged) is `crackq adapt`'s default
+        run_adapt(AdaptConfig(data_dir=data_dir, out=out, init_model=init_model, seed=seed, cache_dir=cache_dir,
+                              keep_init=False))
         return
     # ---- end issue 11 ----
     if bool(uav_images) != bool(uav_masks):
