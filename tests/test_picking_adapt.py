@@ -122,26 +122,3 @@ def test_threshold_guard_keeps_the_original_imagery_and_heads_read_their_columns
     assert guard_threshold(0.999, None, head) == 0.999                           # no replay: nothing to guard
     multi = head_columns(("block_13_expand_relu", "block_10_expand_relu"))
     assert len(multi) == 1280 + 576 + 384 and (multi[:1280] == pooled_columns()).all()
-
-
-def test_adapt_modules_import_no_cycle():
-    """Issue 14: training.adapt imports adapt_deep, never the reverse; adapt_cli does not import training.cli."""
-    import ast
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-
-    def imports(module: str) -> set[str]:
-        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
-        found = set()
-        for node in ast.walk(tree):  # function-level imports count too
-            if isinstance(node, ast.Import):
-                found |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                found.add(node.module)
-        return found
-
-    assert "training.adapt" not in imports("training.adapt_deep")
-    assert "training.adapt" not in imports("training.adapt_fit") | imports("training.adapt_head")
-    assert "training.cli" not in imports("training.adapt_cli")
-    assert "producer.tiles_cli" not in imports("producer.candidates")

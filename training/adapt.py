@@ -60,6 +60,7 @@ from shared.model_card import (CARD_FILE, MODEL_FILE, ONNX_FILE, SPLIT_FILE, car
                                file_sha256, onnx_path, read_card, write_card)
 from shared.serving import POOLED_DIM
 from training.adapt_head import head_columns, linear_head
+from training.features import default_cache_dir
 from training.adapt_fit import (C_GRID, VIEWS, Head, balanced_accuracy, best_threshold, choose_threshold,  # noqa: F401
                                 cross_validate, dihedral, estimate, fit_head, folds_of, training_set)
 
@@ -86,16 +87,11 @@ class AdaptConfig:
     augment: bool = True
     unfreeze_blocks: str = "0"           # "0", "1".."4", or "auto" (try, keep when CV says better)
     seed: int = 0
-    cache_dir: str | None = field(default_factory=lambda: str(_default_cache()))
+    cache_dir: str | None = field(default_factory=lambda: str(default_cache_dir()))
     score_replay_test: bool = True       # accuracy kept on the init model's test split
     threads: int = 0
     head_layers: tuple[str, ...] = HEAD_LAYERS   # () : the head reads the pooled features only
     keep_init: bool = True               # ship the init model unchanged when adapting does not measure better
-
-
-def _default_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "crackq"
 
 
 # ---- data ---------------------------------------------------------------------------------------
