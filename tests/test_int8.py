@@ -147,7 +147,7 @@ def test_export_int8_calibrates_and_gates_on_uav_training_tiles(model_copy, ship
     its training split and gated on both hold-outs: a uav hold-out failure alone refuses the model."""
     shutil.copy(shipped_model.with_name("uav_split.json"), model_copy.with_name("uav_split.json"))
     monkeypatch.setattr(quantize, "gate_sets", lambda *a, **k: {})
-    real_evaluate = quantize.evaluate_gate
+    real_evaluate = quantize.evaluate_holdouts
     seen = {}
 
     def uav_fails(fp32, int8, sets):
@@ -156,14 +156,14 @@ def test_export_int8_calibrates_and_gates_on_uav_training_tiles(model_copy, ship
         out["uav-holdout"] = quantize.compare(np.array([0.9, 0.1]), np.array([0.1, 0.9]), np.array([1, 0]))
         return out
 
-    monkeypatch.setattr(quantize, "evaluate_gate", uav_fails)
+    monkeypatch.setattr(quantize, "evaluate_holdouts", uav_fails)
     with pytest.raises(quantize.GateFailed, match="uav-holdout"):
         quantize.export_int8(model_copy, str(concrete_dir), n_calibration=40, n_holdout=100, n_uav_holdout=60,
                              fit_domain=False, uav_dir=uav_dir)
     assert seen == {"holdout": 100, "uav-holdout": 60}
     assert not int8_onnx_path(model_copy).exists() and not list(model_copy.parent.glob("*.tmp"))
 
-    monkeypatch.setattr(quantize, "evaluate_gate", real_evaluate)
+    monkeypatch.setattr(quantize, "evaluate_holdouts", real_evaluate)
     monkeypatch.setattr(quantize, "ACCURACY_POINTS", 100.0)
     monkeypatch.setattr(quantize, "PROB_MEAN_TOLERANCE", 1.0)
     monkeypatch.setattr(quantize, "PROB_P99_TOLERANCE", 1.0)
