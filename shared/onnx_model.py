@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.model_card import ModelInfo, card_threshold, onnx_path, read_card  # noqa: F401 - re-exported
+from shared.model_card import ModelInfo, card_threshold, onnx_path
 from shared.serving import POOLED_DIM
 
 

@@ -57,8 +57,3 @@ def _features(keras_model):
             raise ValueError(f"layer {name} has {activation.shape[-1]} channels, expected {DOMAIN_STAT_LAYERS[name]}")
         parts += [keras.ops.mean(activation, axis=(1, 2)), keras.ops.std(activation, axis=(1, 2))]
     return keras.layers.Concatenate(axis=-1, name="features")(parts)
-
-
-# The model's file names live in shared.model_card; re-exported for older imports.
-from shared.model_card import (INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256,  # noqa: E402,F401
-                               int8_onnx_path, onnx_path)

@@ -70,7 +70,7 @@ def test_survey_team_loop_export_label_finetune_serve(concrete_dir, shipped_mode
                "--out", str(new), "--cache-dir", str(tmp_path / "cache"), timeout=900,
                env={"TF_CPP_MIN_LOG_LEVEL": "2"})
     card = json.loads((new / "model_card.json").read_text())
-    from training.model import file_sha256
+    from shared.model_card import file_sha256
 
     assert card["init_model"]["sha256"] == file_sha256(shipped_model)
     assert sum(card["data"]["counts"][s]["total"] for s in ("train", "val", "test")) == 40

@@ -80,7 +80,7 @@ def test_balanced_sample_takes_each_class_equally_and_is_seeded():
 
 # ---- the shipped model ------------------------------------------------------------------------------
 def test_shipped_model_has_a_documented_description(shipped_model):
-    from training.model import file_sha256
+    from shared.model_card import file_sha256
 
     card = json.loads(shipped_model.with_name("model_card.json").read_text())
     entry = card["domain"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shared.config import Settings
-from shared.serving import int8_onnx_path, onnx_path
+from shared.model_card import int8_onnx_path, onnx_path
 from tests.conftest import SHARED_DIR, _require
 from training import quantize
 from shared.inference import int8_problem, load_classifier, resolve_precision
@@ -43,7 +43,7 @@ def test_cpu_default_is_int8_only_when_it_passes_the_gate_on_real_images(shipped
     assert problem is None, f"the shipped model's INT8 export is missing or stale: {problem}"
     sets = quantize.gate_sets(shipped_model, concrete_dir, uav_dir, per_class=GATE_PATCHES_PER_CLASS,
                               uav_photos=GATE_UAV_PHOTOS)
-    assert set(sets) == {"ozgenel-test", "uav-concrete"}
+    assert set(sets) == {"ozgenel-test", "uav-concrete", "uav-concrete-grid"}
     for name, (inputs, labels) in sets.items():
         assert len(inputs) >= 100 and 0 < labels.mean() < 1, name
     gate = quantize.evaluate_gate(onnx_path(shipped_model), int8_onnx_path(shipped_model), sets)
@@ -131,13 +131,59 @@ def test_export_int8_refuses_a_model_that_fails_the_gate(model_copy, concrete_di
     monkeypatch.setattr(quantize, "CALIBRATION_IMAGES", 40)
     monkeypatch.setattr(quantize, "HOLDOUT_IMAGES", 100)
     monkeypatch.setattr(quantize.export_int8, "__defaults__", (None, None, quantize.DEFAULT_METHOD,
-                                                               quantize.DEFAULT_EXCLUDE, 40, 100, None, False, None))
+                                                               quantize.DEFAULT_EXCLUDE, 40, 100, None, False, None,
+                                                               60, "training"))
     result = CliRunner().invoke(export, [str(model_copy), "--int8", "--data-dir", str(concrete_dir)])
     assert result.exit_code == 2, result.output
     assert "INT8 model refused, nothing written" in result.output and "mean |p_int8 - p_fp32|" in result.output
     assert not int8_onnx_path(model_copy).exists()
     assert not list(model_copy.parent.glob("*.tmp"))
     assert model_copy.with_name("model_card.json").read_text() == card_before
+
+
+def test_export_int8_calibrates_and_gates_on_uav_training_tiles(model_copy, shipped_model, concrete_dir, uav_dir,
+                                                                monkeypatch):
+    """A model trained on uav-concrete tiles too (``uav_split.json`` beside it) is calibrated on both sources of
+    its training split and gated on both hold-outs: a uav hold-out failure alone refuses the model."""
+    shutil.copy(shipped_model.with_name("uav_split.json"), model_copy.with_name("uav_split.json"))
+    monkeypatch.setattr(quantize, "gate_sets", lambda *a, **k: {})
+    real_evaluate = quantize.evaluate_holdouts
+    seen = {}
+
+    def uav_fails(fp32, int8, sets):
+        seen.update({name: len(x) for name, (x, _) in sets.items()})
+        out = real_evaluate(fp32, int8, sets)
+        out["uav-holdout"] = quantize.compare(np.array([0.9, 0.1]), np.array([0.1, 0.9]), np.array([1, 0]))
+        return out
+
+    monkeypatch.setattr(quantize, "evaluate_holdouts", uav_fails)
+    with pytest.raises(quantize.GateFailed, match="uav-holdout"):
+        quantize.export_int8(model_copy, str(concrete_dir), n_calibration=40, n_holdout=100, n_uav_holdout=60,
+                             fit_domain=False, uav_dir=uav_dir)
+    assert seen == {"holdout": 100, "uav-holdout": 60}
+    assert not int8_onnx_path(model_copy).exists() and not list(model_copy.parent.glob("*.tmp"))
+
+    monkeypatch.setattr(quantize, "evaluate_holdouts", real_evaluate)
+    monkeypatch.setattr(quantize, "ACCURACY_POINTS", 100.0)
+    monkeypatch.setattr(quantize, "PROB_MEAN_TOLERANCE", 1.0)
+    monkeypatch.setattr(quantize, "PROB_P99_TOLERANCE", 1.0)
+    report = quantize.export_int8(model_copy, str(concrete_dir), n_calibration=40, n_holdout=100,
+                                  n_uav_holdout=60, fit_domain=False, uav_dir=uav_dir)
+    assert report.calibration_sources == {"ozgenel": 20, "uav-train-photos": 20} and report.calibration_images == 40
+    assert set(report.holdouts) == {"holdout", "uav-holdout"} and report.extra_holdouts["uav-holdout"].n == 60
+    card = json.loads(model_copy.with_name("model_card.json").read_text())["int8"]
+    assert card["gate_extra"]["uav-holdout"]["n"] == 60 and card["calibration_sources"]["uav-train-photos"] == 20
+
+
+def test_uav_calibration_tiles_come_from_training_photos_only(shipped_model, uav_dir):
+    """Calibration and its uav hold-out: disjoint halves of the uav TRAINING photos; gate sets: the test photos."""
+    photos = quantize.uav_photo_split(shipped_model)
+    assert not set(photos["train"]) & (set(photos["val"]) | set(photos["test"]))
+    cal_photos, holdout_photos = quantize.uav_calibration_photos(photos["train"])
+    assert not set(cal_photos) & set(holdout_photos) and set(cal_photos + holdout_photos) == set(photos["train"])
+    assert quantize.uav_calibration_photos(photos["train"]) == (cal_photos, holdout_photos)  # seeded
+    calibration, holdout, labels = quantize.uav_train_tiles(uav_dir, photos["train"], 20, 30)
+    assert calibration.shape == (20, 160, 160, 3) and holdout.shape == (30, 160, 160, 3) and labels.mean() == 0.5
 
 
 def test_precision_setting_and_its_fallbacks(shipped_model, tmp_path):

@@ -178,7 +178,11 @@ def evaluate(model, data_dir, split, split_file, batch_size, as_json):
 @click.option("--uav-dir", type=click.Path(exists=True, file_okay=False),
               help="--int8: uav-concrete photos (images/, masks/) for the test gate [default: beside the training "
                    "images' folder, when there].")
-def export(model, out, int8, data_dir, split_file, calibration_method, uav_dir):
+@click.option("--calibration-set", type=click.Choice(["training", "ozgenel"]), default="training", show_default=True,
+              help="--int8: calibrate on the whole training split (Özgenel patches + uav-concrete training-photo "
+                   "tiles when the model trained on them; gated on both hold-outs), or on the Özgenel patches "
+                   "only (gated on their hold-out; the uav test photos still decide the CPU default).")
+def export(model, out, int8, data_dir, split_file, calibration_method, uav_dir, calibration_set):
     """Export MODEL (.keras) to ONNX (outputs probabilities and features) and verify it against Keras;
     with --int8, also make and gate the INT8 model."""
     from shared.model_card import onnx_path
@@ -193,15 +197,15 @@ def export(model, out, int8, data_dir, split_file, calibration_method, uav_dir):
     diff = export_onnx(load_model(model), out)
     click.echo(f"wrote {out} (max |ONNX - Keras| probability difference {diff:.2e})")
     if int8:
-        _export_int8(model, data_dir, split_file, calibration_method, uav_dir)
+        _export_int8(model, data_dir, split_file, calibration_method, uav_dir, calibration_set)
 
 
-def _export_int8(model, data_dir, split_file, method, uav_dir) -> None:
+def _export_int8(model, data_dir, split_file, method, uav_dir, calibration_set="training") -> None:
     from training import quantize
 
     try:
         report = quantize.export_int8(model, data_dir, split_file, method or quantize.DEFAULT_METHOD,
-                                      uav_dir=uav_dir)
+                                      uav_dir=uav_dir, calibration_set=calibration_set)
     except quantize.GateFailed as exc:
         click.echo(f"Error: {exc}", err=True)
         raise SystemExit(2) from None
@@ -211,6 +215,9 @@ def _export_int8(model, data_dir, split_file, method, uav_dir) -> None:
     click.echo(f"wrote {report.path} (calibration: {report.calibration_images} training images, {report.method}; "
                f"gate on {g.n} held-out training images: accuracy {100 * g.accuracy_int8:.2f} % vs FP32 "
                f"{100 * g.accuracy_fp32:.2f} %, mean |dp| {g.mean_abs_diff:.4f}, p99 {g.p99_abs_diff:.4f})")
+    for name, a in (report.extra_holdouts or {}).items():
+        click.echo(f"  gate on {name} ({a.n} tiles of uav training photos): accuracy {100 * a.accuracy_int8:.2f} % vs "
+                   f"FP32 {100 * a.accuracy_fp32:.2f} %, mean |dp| {a.mean_abs_diff:.4f}, p99 {a.p99_abs_diff:.4f}")
     for name, a in (report.test_gate or {}).items():
         click.echo(f"  test gate {name}: {'pass' if a.passed else 'FAIL'} (n {a.n}: accuracy {100 * a.accuracy_int8:.2f} % "
                    f"vs FP32 {100 * a.accuracy_fp32:.2f} %, mean |dp| {a.mean_abs_diff:.4f}, "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.model_card import file_sha256  # noqa: F401 - re-exported for older imports
+from shared.model_card import file_sha256
 from shared.preprocessing import INPUT_SIZE
 from shared.serving import POOLED_DIM
 

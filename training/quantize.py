@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from shared.preprocessing import INPUT_SIZE, load_input
-from shared.serving import INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256, int8_onnx_path, onnx_path
+from shared.model_card import (INT8_DEFAULT_KEY, INT8_SOURCE_KEY, file_sha256, int8_onnx_path, onnx_path,
+                               read_card, write_card)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,57 @@ def calibration_files(train_files: list[str], n_calibration: int = CALIBRATION_I
     return calibration, holdout
 
 
+#: Share of the calibration set (and of the hold-out) drawn from uav-concrete training-photo tiles when the
+#: model trained on them: the calibration must see the activation ranges of both sources (docs/performance.md).
+UAV_SHARE = 0.5
+#: uav-concrete hold-out tiles (from the training photos not used for calibration): gated like the Özgenel one.
+UAV_HOLDOUT_IMAGES = 600
+
+
+def uav_train_tiles(uav_dir: str | os.PathLike, train_photos: list[str], n_calibration: int, n_holdout: int,
+                    seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibration inputs, hold-out inputs and hold-out labels from uav-concrete **training** photos.
+
+    The photos are split in two seeded halves (calibration / hold-out: no photo on both sides), cut
+    into the training grid tiles (``training.sources.grid_tiles``: 224/112/64 px, as the model's uav
+    training tiles), and sampled class-balanced.
+    """
+    from training.sources import GRID_SIZES, grid_tiles, mask_pairs
+
+    root = Path(uav_dir)
+    pairs = mask_pairs(root / "images", root / "masks")
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for stems, n in zip(uav_calibration_photos([p for p in train_photos if p in pairs], seed),
+                        (n_calibration, n_holdout)):
+        tiles = grid_tiles(pairs, sorted(stems), GRID_SIZES, max_negatives_per_photo=6, seed=seed)
+        pick = []
+        for label, count in ((1, n // 2), (0, n - n // 2)):
+            members = np.flatnonzero(tiles.labels == label)
+            if count > len(members):
+                raise ValueError(f"uav training photos give {len(members)} tiles of class {label}, "
+                                 f"fewer than the {count} needed")
+            pick += list(rng.permutation(members)[:count])
+        pick = np.sort(np.array(pick, int))
+        out.append((tiles.images[pick], tiles.labels[pick].astype(bool)))
+    return out[0][0], out[1][0], out[1][1]
+
+
+def uav_calibration_photos(train_photos: list[str], seed: int = SEED) -> tuple[list[str], list[str]]:
+    """Seeded, disjoint halves of the uav training photos: (calibration photos, hold-out photos)."""
+    photos = sorted(train_photos)
+    order = [photos[i] for i in np.random.default_rng(seed).permutation(len(photos))]
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
+def uav_photo_split(model_path) -> dict[str, list[str]] | None:
+    """The model's uav-concrete photo split (``uav_split.json`` beside it), None when it has none."""
+    from training.sources import UAV_SPLIT_FILE, load_photo_split
+
+    path = Path(model_path).with_name(UAV_SPLIT_FILE)
+    return load_photo_split(path) if path.exists() else None
+
+
 def load_inputs(root: str | os.PathLike, files: list[str], size: int = INPUT_SIZE) -> np.ndarray:
     """uint8 (N, size, size, 3) model inputs, decoded as training and serving decode."""
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
@@ -188,35 +240,70 @@ class _Reader:
         return next(self._batches, None)
 
 
-def excluded_nodes(model_path: str | os.PathLike, exclude: str) -> list[str]:
-    """Node names to leave in FP32.
+#: ``exclude`` choices of :func:`excluded_nodes` (``+``-joined parts; ``none`` = quantize everything).
+EXCLUDE_PARTS = ("features", "head", "late", "stem", "early", "early6")
 
-    ``features``: the ops that compute the in-domain statistics (mean and std of
-    two early layers, the pooled embedding, their concatenation) -- cheap
-    reductions whose inputs then stay exact to their INT8 source.  ``head``:
-    the classifier head (MatMul + softmax).  ``none``: quantize everything
-    the quantizer can.
+
+def excluded_nodes(model_path: str | os.PathLike, exclude: str) -> list[str]:
+    """Node names to leave in FP32: the union of the ``+``-joined parts of ``exclude``.
+
+    ``features``: the ops that compute the in-domain statistics and the head's
+    inputs (spatial means and std of earlier layers, the pooled embedding, their
+    concatenations) -- cheap reductions whose inputs then stay exact to their INT8
+    source.  ``head``: the classifier head (its hidden and output MatMuls,
+    bias adds, ReLU, softmax).  ``late``: the last blocks (13-16 and the final
+    1x1 conv), whose activations the head reads.  ``stem``: the rescaling, the
+    first conv and block 0; ``early``: those and blocks 1-2; ``early6``: up to block 5.
+    ``none``: quantize everything the quantizer can.
     """
     import onnx
 
-    if exclude == "none":
+    parts = set(exclude.split("+"))
+    if parts == {"none"}:
         return []
+    unknown = parts - set(EXCLUDE_PARTS)
+    if unknown:
+        raise ValueError(f"exclude parts must be among {EXCLUDE_PARTS} or 'none', not {sorted(unknown)}")
     graph = onnx.load(str(model_path)).graph
     feature_ops = {"GlobalAveragePool", "ReduceMean", "Sub", "Sqrt", "Squeeze", "Concat", "Unsqueeze"}
+    # Blocks by position in the (topologically sorted) graph: the 1x1 convs carry generated names
+    # (``Conv__563``), so a block starts at the conv just before its first named op.
+    names = [node.name for node in graph.node]
+    late_from = _block_start(names, "block_13_")
+    early_to = {"stem": _block_start(names, "block_1_"), "early": _block_start(names, "block_3_"),
+                "early6": _block_start(names, "block_6_")}
+    early_to = max([early_to[p] for p in parts if p in early_to], default=0)
     out = []
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
         stats = (node.op_type in feature_ops or "reduce_std" in node.name or "reduce_variance" in node.name
                  or node.name.endswith("features_1/concat"))
-        head = "probabilities" in node.name
-        if (exclude in ("features", "features+head") and stats) or (exclude in ("head", "features+head") and head):
+        head = "probabilities" in node.name or "head_" in node.name
+        conv_path = node.op_type in ("Conv", "Clip", "Add", "Relu", "Pad", "Mul")
+        chosen = (("features" in parts and stats) or ("head" in parts and head)
+                  or ("late" in parts and i >= late_from and conv_path and not head)
+                  or (i < early_to and conv_path))
+        if chosen:
             out.append(node.name)
     return out
 
 
+def _block_start(names: list[str], block: str) -> int:
+    """Index of the first node of ``block`` (the conv just before its first named op); len(names) if absent."""
+    first = next((i for i, name in enumerate(names) if block in name), len(names))
+    return max(0, first - 1) if first < len(names) else first
+
+
 def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
              method: str = DEFAULT_METHOD, exclude: str = DEFAULT_EXCLUDE, activations: str = "uint8",
-             calibrated_relu6: bool = CALIBRATED_RELU6) -> None:
-    """Write the QDQ INT8 model of ``fp32_path`` calibrated on ``calibration`` (uint8 inputs)."""
+             calibrated_relu6: bool = CALIBRATED_RELU6, per_channel: bool = True, reduce_range: bool = False,
+             quant_format: str = "qdq", percentile: float = 99.999, relu6_percentile: float | None = None) -> None:
+    """Write the INT8 model of ``fp32_path`` calibrated on ``calibration`` (uint8 inputs).
+
+    The defaults are the shipped recipe; the other knobs exist so that
+    ``benchmarks/int8_variants.py`` can measure the alternatives with the same code.
+    ``relu6_percentile``: quantize each ReLU6 output over [0, that percentile of its calibration values]
+    (:func:`relu6_ranges`) instead of the [0, 6] every calibrator ends up with.
+    """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -229,14 +316,52 @@ def quantize(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibrat
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         name = onnx.load(str(prepared)).graph.input[0].name
+        overrides = relu6_ranges(prepared, calibration, relu6_percentile) if relu6_percentile else {}
         quantize_static(
-            str(prepared), str(out_path), _Reader(name, calibration), quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            str(prepared), str(out_path), _Reader(name, calibration),
+            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=per_channel, reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=methods[method], nodes_to_exclude=excluded_nodes(prepared, exclude),
             extra_options={"CalibMovingAverage": False, "ActivationSymmetric": False,
-                           "QDQKeepRemovableActivations": calibrated_relu6})
+                           "QDQKeepRemovableActivations": calibrated_relu6,
+                           "CalibPercentile": percentile,
+                           **({"TensorQuantOverrides": overrides} if overrides else {})})
     set_metadata(out_path, {INT8_SOURCE_KEY: file_sha256(fp32_path)})
+
+
+def relu6_ranges(prepared: Path, calibration: np.ndarray, percentile: float, max_images: int = 128,
+                 batch: int = 16) -> dict:
+    """``TensorQuantOverrides`` giving each ReLU6 (Clip) output, and the conv output it is fused into, the range
+    [0, mean over batches of the ``percentile`` of its FP32 values].
+
+    Why: every ReLU6 output saturates at 6 somewhere in any calibration set, so MinMax (and the
+    histogram calibrators) quantize it in steps of 6/255 = 0.024 -- coarser than most activations of a
+    smooth, low-contrast drone tile, which is where INT8 lost its agreement with FP32.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(prepared))
+    clips = [(n.input[0], n.output[0]) for n in proto.graph.node if n.op_type == "Clip"]
+    known = {o.name for o in proto.graph.output}
+    for _, out in clips:
+        if out not in known:
+            proto.graph.output.add().name = out
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    x = calibration[::max(1, len(calibration) // max_images)][:max_images]
+    tops: dict[str, list[float]] = {out: [] for _, out in clips}
+    for start in range(0, len(x), batch):
+        values = session.run([out for _, out in clips], {input_name: x[start:start + batch].astype(np.float32)})
+        for (_, out), v in zip(clips, values):
+            tops[out].append(float(np.percentile(v.ravel()[::3], percentile)))
+    overrides = {}
+    for src, out in clips:
+        rmax = float(np.clip(np.mean(tops[out]), 1e-3, 6.0))
+        for tensor in (src, out):
+            overrides[tensor] = [{"rmin": np.float32(0.0), "rmax": np.float32(rmax)}]
+    return overrides
 
 
 def set_metadata(path: str | os.PathLike, values: dict[str, str]) -> None:
@@ -271,13 +396,24 @@ class Int8Report:
     domain: dict | None = None
     test_gate: dict | None = None
     cpu_default: bool = False
+    #: Further calibration hold-outs (``uav-holdout``: tiles of uav training photos), each gated like ``holdout``.
+    extra_holdouts: dict | None = None
+    calibration_sources: dict | None = None
+
+    @property
+    def holdouts(self) -> dict[str, Agreement]:
+        return {"holdout": self.holdout, **(self.extra_holdouts or {})}
 
     def to_dict(self) -> dict:
+        tolerances = {"accuracy_points": ACCURACY_POINTS, "prob_mean": PROB_MEAN_TOLERANCE,
+                      "prob_p99": PROB_P99_TOLERANCE}
         return {"file": Path(self.path).name, "method": self.method, "fp32_ops": self.exclude,
                 "calibration_images": self.calibration_images, "calibration_split": "train",
+                "calibration_sources": self.calibration_sources or {"ozgenel": self.calibration_images},
                 "gate": {"set": "calibration hold-out (train split)", **self.holdout.to_dict(),
-                         "tolerances": {"accuracy_points": ACCURACY_POINTS, "prob_mean": PROB_MEAN_TOLERANCE,
-                                        "prob_p99": PROB_P99_TOLERANCE}},
+                         "tolerances": tolerances},
+                "gate_extra": {name: {"set": "uav-concrete tiles of training photos not used for calibration",
+                                      **a.to_dict()} for name, a in (self.extra_holdouts or {}).items()},
                 "test_gate": {name: a.to_dict() for name, a in (self.test_gate or {}).items()},
                 "cpu_default": self.cpu_default,
                 "domain": self.domain}
@@ -297,14 +433,19 @@ def export_int8(model_path: str | os.PathLike, data_dir: str | None = None, spli
                 method: str = DEFAULT_METHOD, exclude: str = DEFAULT_EXCLUDE,
                 n_calibration: int = CALIBRATION_IMAGES, n_holdout: int = HOLDOUT_IMAGES,
                 out_path: str | os.PathLike | None = None, fit_domain: bool = True,
-                uav_dir: str | os.PathLike | None = None) -> Int8Report:
+                uav_dir: str | os.PathLike | None = None, n_uav_holdout: int = UAV_HOLDOUT_IMAGES,
+                calibration_set: str = "training") -> Int8Report:
     """Quantize the FP32 ONNX beside ``model_path`` and write it only if it passes the gate.
 
-    Raises :class:`GateFailed` (nothing written) when the calibration hold-out
-    disagrees beyond the tolerances.  A model that passes is written; it becomes
-    the CPU workers' default only when it also passes the gate on every labelled
-    test set (:func:`gate_sets`), which is recorded in its ONNX metadata
-    (``INT8_DEFAULT_KEY``) and in the model card.
+    ``calibration_set="training"`` (the default): a model trained on uav-concrete tiles too
+    (``uav_split.json`` beside it, photos found) is calibrated on both sources of its training split
+    (:data:`UAV_SHARE` of the images from uav training photos) and gated on both hold-outs.
+    ``"ozgenel"``: Özgenel training patches only, gated on their hold-out only (the uav-concrete
+    test photos still decide whether it is the CPU default).  Raises :class:`GateFailed` (nothing written) when
+    a calibration hold-out disagrees beyond the tolerances.  A model that passes is written; it
+    becomes the CPU workers' default only when it also passes the gate on every labelled test set
+    (:func:`gate_sets`), which is recorded in its ONNX metadata (``INT8_DEFAULT_KEY``) and in the
+    model card.
     """
     from training.data import Split
 
@@ -315,19 +456,29 @@ def export_int8(model_path: str | os.PathLike, data_dir: str | None = None, spli
     split = Split.load(split_path)
     root = resolve_data_dir(data_dir, split.data_dir, split_path)
     positive = _positive_class(model_path, split.classes)
-    calib_files, holdout_files = calibration_files(split.files["train"], n_calibration, n_holdout)
+    uav = Path(uav_dir) if uav_dir else root.parent / "uav-concrete"
+    if calibration_set not in ("training", "ozgenel"):
+        raise ValueError(f"calibration_set must be 'training' or 'ozgenel', not {calibration_set!r}")
+    photos = uav_photo_split(model_path) if calibration_set == "training" and (uav / "images").is_dir() else None
+    n_uav = int(round(n_calibration * UAV_SHARE)) if photos else 0
+    calib_files, holdout_files = calibration_files(split.files["train"], n_calibration - n_uav, n_holdout)
     out = Path(out_path) if out_path else int8_onnx_path(model_path)
     size = _input_size(model_path)
     tmp = out.with_name(out.name + ".tmp")
     try:
-        quantize(fp32, tmp, load_inputs(root, calib_files, size), method, exclude)
-        holdout = load_inputs(root, holdout_files, size)
-        p32 = onnx_outputs(fp32, holdout)[0][:, 1]
-        p8 = onnx_outputs(tmp, holdout)[0][:, 1]
-        agreement = compare(p32, p8, labels_for(holdout_files, positive))
-        if not agreement.passed:
-            raise GateFailed("INT8 model refused, nothing written: on the calibration hold-out ("
-                             f"{agreement.n} training images) " + "; ".join(agreement.failures()), agreement)
+        calibration = load_inputs(root, calib_files, size)
+        holdouts = {"holdout": (load_inputs(root, holdout_files, size), labels_for(holdout_files, positive))}
+        if photos:
+            uav_cal, uav_x, uav_y = uav_train_tiles(uav, photos["train"], n_uav, n_uav_holdout)
+            calibration = np.concatenate([calibration, uav_cal])
+            holdouts["uav-holdout"] = (uav_x, uav_y)
+        quantize(fp32, tmp, calibration, method, exclude)
+        agreements = evaluate_holdouts(fp32, tmp, holdouts)
+        failed = {name: a.failures() for name, a in agreements.items() if not a.passed}
+        if failed:
+            raise GateFailed("INT8 model refused, nothing written: " + "; ".join(
+                f"on the calibration {'hold-out' if name == 'holdout' else name} ({agreements[name].n} training "
+                f"images) " + "; ".join(f) for name, f in failed.items()), agreements[next(iter(failed))])
         test_gate = evaluate_gate(fp32, tmp, gate_sets(model_path, root, uav_dir, size))
         cpu_default = bool(test_gate) and all(a.passed for a in test_gate.values())
         set_metadata(tmp, {INT8_DEFAULT_KEY: "true" if cpu_default else "false"})
@@ -335,7 +486,9 @@ def export_int8(model_path: str | os.PathLike, data_dir: str | None = None, spli
     finally:
         tmp.unlink(missing_ok=True)
     domain = fit_int8_domain(out, root, split, Path(model_path).parent, size) if fit_domain else None
-    report = Int8Report(str(out), method, exclude, len(calib_files), agreement, domain, test_gate, cpu_default)
+    sources = {"ozgenel": len(calib_files), **({"uav-train-photos": n_uav} if n_uav else {})}
+    report = Int8Report(str(out), method, exclude, len(calibration), agreements.pop("holdout"), domain, test_gate,
+                        cpu_default, agreements, sources)
     _record_in_card(model_path, report)
     return report
 
@@ -353,6 +506,10 @@ def fit_int8_domain(int8_path: Path, root: Path, split, out_dir: Path, size: int
     if fp32_scorer is None:
         (out_dir / INT8_FILE_NAME).unlink(missing_ok=True)
         return None
+    uav = root.parent / "uav-concrete"
+    photos = uav_photo_split(out_dir / "split.json") if (uav / "images").is_dir() else None
+    if fp32_scorer.min_margin > 0 and photos:
+        return _fit_int8_domain_multi(int8_path, root, split, out_dir, uav, photos, fp32_scorer, size)
     features = {name: onnx_outputs(int8_path, load_inputs(root, files, size))[1]
                 for name, files in (("train", balanced_sample(split.files["train"], TRAIN_SAMPLE, 0)),
                                     ("val", split.files["val"]), ("test", split.files["test"]))}
@@ -361,6 +518,62 @@ def fit_int8_domain(int8_path: Path, root: Path, split, out_dir: Path, size: int
     scorer.save(out_dir / INT8_FILE_NAME)
     entry = summary(scorer, features["val"], features["test"], out_dir / INT8_FILE_NAME)
     entry["fp32_description"] = FILE_NAME
+    return entry
+
+
+def _fit_int8_domain_multi(int8_path: Path, root: Path, split, out_dir: Path, uav: Path, photos: dict,
+                           fp32_scorer, size: int) -> dict:
+    """``domain.int8.npz`` for a multi-source model: the recipe of its ``domain.npz``
+    (``training.domain_fit.fit_domain_sets``) on the INT8 model's outputs.
+
+    Fitted on 1,500 Özgenel training patches + 1,500 uav training-photo grid tiles (balanced per class),
+    threshold = the largest per-source 99th percentile on the validation sets (Özgenel val + uav
+    val-photo grid tiles), then the smallest prediction margin giving every validation source >= 96 %
+    accuracy on what passes.  Without this, an INT8 description of Özgenel patches alone called 2.5 % of
+    the uav validation tiles in domain (FP32: 99 %; docs/performance.md).
+    """
+    from shared.domain import FILE_NAME, INT8_FILE_NAME, DomainScorer
+    from training.domain_fit import (METHOD_MULTI, PER_SOURCE_TRAIN, SourceRows, balanced_sample, choose_margin,
+                                     fit, selective, summary)
+    from training.sources import GRID_SIZES, grid_tiles, mask_pairs
+
+    pairs = mask_pairs(uav / "images", uav / "masks")
+
+    def rows(source, x, labels):
+        p, f = onnx_outputs(int8_path, x)
+        return SourceRows(source, p[:, 1], f, np.asarray(labels).astype(int))
+
+    def uav_rows(which, limit=None):
+        tiles = grid_tiles(pairs, [p for p in photos[which] if p in pairs], GRID_SIZES)
+        idx = np.arange(len(tiles))
+        if limit is not None and len(idx) > limit:
+            rng = np.random.default_rng(0)
+            idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(tiles.labels == c))[:limit // 2]
+                                          for c in (0, 1)]))
+        return rows("uav", tiles.images[idx], tiles.labels[idx])
+
+    def oz_rows(files):
+        return rows("ozgenel", load_inputs(root, files, size), labels_for(files))
+
+    train = [oz_rows(balanced_sample(split.files["train"], PER_SOURCE_TRAIN, 0)), uav_rows("train", PER_SOURCE_TRAIN)]
+    val = [oz_rows(split.files["val"]), uav_rows("val")]
+    test = [oz_rows(split.files["test"]), uav_rows("test")]
+    val_x = np.concatenate([r.features for r in val])
+    scorer = fit(np.concatenate([r.features for r in train]), val_x, fp32_scorer.meta.get("backbone_fingerprint"),
+                 val_groups=[r.source for r in val for _ in range(len(r.labels))])
+    scorer.meta["min_margin"] = choose_margin(scorer, val)
+    scorer.meta["method"] = METHOD_MULTI
+    scorer.meta["fitted_for"] = int8_path.name
+    scorer = DomainScorer(scorer.meta, scorer.arrays)
+    scorer.save(out_dir / INT8_FILE_NAME)
+    entry = summary(scorer, val_x, np.zeros((0, val_x.shape[1])), out_dir / INT8_FILE_NAME)
+    entry.update({"method": METHOD_MULTI, "min_margin": scorer.min_margin, "fp32_description": FILE_NAME,
+                  "fitted_on": {"split": "train", "rows": int(sum(len(r.labels) for r in train)),
+                                "per_source": {r.source: int(len(r.labels)) for r in train}},
+                  "by_source": {name: {r.source: selective(scorer, r) for r in sets}
+                                for name, sets in (("val", val), ("test", test))}})
+    entry["test_in_domain_rate"] = entry["by_source"]["test"]["ozgenel"]["coverage"]
+    entry["test_images"] = int(len(test[0].labels))
     return entry
 
 
@@ -374,17 +587,15 @@ def _input_size(model_path) -> int:
 
 
 def _card(model_path) -> dict:
-    path = Path(model_path).with_name("model_card.json")
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    return read_card(model_path)
 
 
 def _record_in_card(model_path, report: Int8Report) -> None:
-    path = Path(model_path).with_name("model_card.json")
-    if not path.exists():
+    card = read_card(model_path)
+    if not card:
         return
-    card = json.loads(path.read_text(encoding="utf-8"))
     card["int8"] = report.to_dict()
-    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(model_path, card)
 
 
 # ---- the labelled sets of the accuracy gate (tests/test_int8.py, benchmarks/int8.py) ----------------
@@ -394,11 +605,21 @@ def evaluate_gate(fp32: Path, int8: Path, sets: dict) -> dict[str, Agreement]:
             for name, (x, y) in sets.items() if len(x)}
 
 
-def gate_sets(model_path, concrete_root: Path, uav_dir=None, size: int = INPUT_SIZE,
-              per_class: int | None = None, uav_photos: int | None = None) -> dict:
-    """The labelled TEST sets: the Özgenel test split of ``split.json`` and the uav-concrete photos the
-    model did not train on (photos named in its train/val lists are left out), cut into tiles.
+def evaluate_holdouts(fp32: Path, int8: Path, sets: dict) -> dict[str, Agreement]:
+    """The export gate's :class:`Agreement` on each calibration hold-out (same measure as the test gate)."""
+    return {name: compare(onnx_outputs(fp32, x)[0][:, 1], onnx_outputs(int8, x)[0][:, 1], y)
+            for name, (x, y) in sets.items() if len(x)}
 
+
+def gate_sets(model_path, concrete_root: Path, uav_dir=None, size: int = INPUT_SIZE,
+              per_class: int | None = None, uav_photos: int | None = None, uav_split: str = "test") -> dict:
+    """The labelled TEST sets: the Özgenel test split of ``split.json`` and the uav-concrete test photos.
+
+    uav-concrete photos: the ``uav_split`` photos of the model's ``uav_split.json`` (``val`` is for
+    choosing a recipe, ``test`` only for the gate); without one, the photos its split.json does not
+    name.  Two sets are cut from them: ``uav-concrete`` (tiles cut as workers cut them, the default
+    227-px grid) and ``uav-concrete-grid`` (the 224/112/64-px grid of the model card's uav metrics,
+    ~65 tiles a photo: a 0.2-point tolerance is ~6 tiles there, under one tile on the first set).
     ``per_class`` / ``uav_photos`` take evenly spaced subsets (the fast test); None: everything.
     uav-concrete is looked for beside the Özgenel folder unless ``uav_dir`` is given; missing: left out.
     """
@@ -414,13 +635,30 @@ def gate_sets(model_path, concrete_root: Path, uav_dir=None, size: int = INPUT_S
     sets = {"ozgenel-test": (load_inputs(concrete_root, test, size), labels_for(test))}
     uav = Path(uav_dir) if uav_dir else Path(concrete_root).parent / "uav-concrete"
     if (uav / "images").is_dir():
-        trained = {Path(f).stem for name in ("train", "val") for f in split.get(name, [])}
-        photos = [p for p in sorted(os.listdir(uav / "images")) if Path(p).stem not in trained]
-        if uav_photos:
-            photos = photos[::max(1, len(photos) // uav_photos)][:uav_photos]
-        sets["uav-concrete"] = uav_tiles(uav, photos, size)
+        sets.update(uav_sets(model_path, uav, uav_split, size, uav_photos))
     return sets
 
+
+def uav_sets(model_path, uav: Path, which: str = "test", size: int = INPUT_SIZE,
+             photos_max: int | None = None) -> dict:
+    """``uav-concrete`` (worker tiles) and ``uav-concrete-grid`` sets of the model's ``which`` photos."""
+    from training.sources import GRID_SIZES, grid_tiles, mask_pairs
+
+    photo_split = uav_photo_split(model_path)
+    files = sorted(os.listdir(uav / "images"))
+    if photo_split is not None:
+        chosen = set(photo_split[which])
+        photos = [p for p in files if Path(p).stem in chosen]
+    else:
+        split = json.loads(Path(model_path).with_name("split.json").read_text(encoding="utf-8"))["files"]
+        trained = {Path(f).stem for name in ("train", "val") for f in split.get(name, [])}
+        photos = [p for p in files if Path(p).stem not in trained]
+    if photos_max:
+        photos = photos[::max(1, len(photos) // photos_max)][:photos_max]
+    out = {"uav-concrete": uav_tiles(uav, photos, size)}
+    grid = grid_tiles(mask_pairs(uav / "images", uav / "masks"), [Path(p).stem for p in photos], GRID_SIZES)
+    out["uav-concrete-grid"] = (grid.images, grid.labels.astype(bool))
+    return out
 
 
 #: uav-concrete tiles: crack when at least this share of the tile's mask is crack, no crack when none is;
