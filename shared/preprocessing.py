@@ -263,13 +263,17 @@ def read_header(path: Source, max_pixels: int = default("max_pixels"),
     """The file checked (size, pixels, decode memory) and its header read, nothing decoded."""
     check_file(path, max_file_bytes)
     img = open_image(path, max_pixels)
+    return Header(img, *_oriented(img))
+
+
+def _oriented(img: Image.Image) -> tuple[int, int]:
+    """``img``'s size after its EXIF orientation (from the header)."""
     w, h = img.size
     try:
         orientation = img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
         orientation = 1
-    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return Header(img, width, height)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def load_rgb(path: Source, *, max_pixels: int = default("max_pixels"), max_file_bytes: int = default("max_file_bytes"),
@@ -383,9 +387,11 @@ def tiles_to_inputs(img: Image.Image, boxes: list[Box], original_size: tuple[int
 
 def oriented_size(path: Source, max_pixels: int) -> tuple[int, int]:
     """Pixel size after EXIF orientation, read from the header only."""
-    header = read_header(path, max_pixels, max_file_bytes=2**63)
-    header.close()
-    return header.width, header.height
+    img = open_image(path, max_pixels)
+    try:
+        return _oriented(img)
+    finally:
+        img.close()
 
 
 def _short(exc: BaseException) -> str:
